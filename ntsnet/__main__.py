@@ -1,0 +1,107 @@
+"""Command line: ``python -m ntsnet predict|draw|live``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .checkpoint import CheckpointError
+from .images import ImageLoadError, to_rgb_array
+
+
+def _load_predictor(args):
+    from .predictor import Predictor
+
+    return Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
+
+
+def cmd_predict(args) -> int:
+    predictor = _load_predictor(args)
+    failed = 0
+    for path in args.images:
+        try:
+            pred = predictor.predict(path)
+        except ImageLoadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        if args.json:
+            print(json.dumps({"image": path, **pred.to_dict()}, ensure_ascii=False), flush=True)
+        else:
+            top5 = ", ".join(f"{n} {p:.1%}" for n, p in pred.top5)
+            boxes = " ".join(f"[{b.x0:.0f},{b.y0:.0f},{b.x1:.0f},{b.y1:.0f} s={b.score:.2f}]" for b in pred.boxes)
+            print(f"{path}: {pred.label} ({pred.confidence:.1%})\n  top-5: {top5}\n  boxes: {boxes or '-'}", flush=True)
+    return 1 if failed else 0
+
+
+def cmd_draw(args) -> int:
+    from PIL import Image
+
+    from .draw import draw_prediction
+
+    predictor = _load_predictor(args)
+    try:
+        rgb = to_rgb_array(args.image)
+    except ImageLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    pred = predictor.predict(rgb)
+    Image.fromarray(draw_prediction(rgb, pred)).save(args.out)
+    print(f"{args.image}: {pred.label} ({pred.confidence:.1%}) -> {args.out}")
+    return 0
+
+
+def cmd_live(args) -> int:
+    from .live import run_live
+
+    predictor = _load_predictor(args)
+    try:
+        run_live(predictor, args.source, out_path=args.out, show=False if args.no_window else None, max_frames=args.max_frames)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ntsnet", description="NTS-Net product recognition")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--checkpoint", required=True, help="trained .safetensors checkpoint")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+        p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+
+    p = sub.add_parser("predict", help="print label, confidence, top-5 and Navigator boxes per image")
+    common(p)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("draw", help="save the image with the boxes and label drawn")
+    common(p)
+    p.add_argument("image")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_draw)
+
+    p = sub.add_parser("live", help="recognise a camera or video live, drawing boxes and frames/s")
+    common(p)
+    p.add_argument("--source", default="0", help="camera index (0) or a video file")
+    p.add_argument("--out", help="write the annotated video here (mp4)")
+    p.add_argument("--no-window", action="store_true", help="do not open a window even if a display exists")
+    p.add_argument("--max-frames", type=int, default=None)
+    p.set_defaults(func=cmd_live)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Turning whatever the caller has (path, PIL image, numpy array) into an RGB image, and into a model input."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageLoadError(ValueError):
+    """The input could not be read as an image."""
+
+
+def to_rgb_array(image) -> np.ndarray:
+    """Return an (H, W, 3) uint8 RGB array. Numpy input is taken as RGB (convert OpenCV's BGR first)."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = ImageOps.exif_transpose(im)
+        except FileNotFoundError:
+            raise ImageLoadError(f"{path}: no such file") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise ImageLoadError(f"{path}: not a readable image ({exc})") from None
+    if isinstance(image, Image.Image):
+        if image.mode in ("RGBA", "LA", "P"):
+            image = image.convert("RGBA")
+            bg = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(bg, image)
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise ImageLoadError(f"unsupported image type {type(image).__name__}")
+    arr = image
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ImageLoadError(f"expected an HxWx3 image, got shape {arr.shape}")
+    if arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageLoadError("empty image")
+    arr = np.ascontiguousarray(arr)
+    return arr if arr.flags.writeable else arr.copy()  # PIL hands out read-only buffers
+
+
+def to_input_tensor(images: list[np.ndarray], size: int, mean, std) -> torch.Tensor:
+    """Resize each RGB array to size x size (the paper scales, it does not crop) and normalise: (B, 3, S, S)."""
+    batch = []
+    for arr in images:
+        t = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).float()
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        batch.append(t)
+    x = torch.cat(batch) / 255.0
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t

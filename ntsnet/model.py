@@ -1,0 +1,145 @@
+r"""NTS-Net: Navigator, Teacher and Scrutinizer around one shared backbone (Yang et al. 2018; paper section 2).
+
+Data flow of one forward pass (B images, P parts):
+  image (B,3,S,S) -> backbone -> feature map -> pooled whole-image feature -> raw logits    [C(X) in L_C]
+                                   \-> Navigator (detached input) -> informativeness I of every anchor
+  hard NMS on I -> P boxes -> roi_align crops (B*P,3,s,s) -> same backbone -> part features
+  part features -> Teacher head -> part logits                                             [C(R_i) in L_C]
+  top-K part features ++ whole-image feature -> Scrutinizer head -> final logits           [L_S]
+Training uses P = M so the Teacher sees every proposal; inference only needs P = K.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from .anchors import DEFAULT_LEVELS, anchor_count, generate_anchors, select_proposals
+from .backbones import create_backbone
+from .config import NTSConfig
+
+
+class Navigator(nn.Module):
+    """Scores every anchor's informativeness from three feature scales (strides 32, 64, 128)."""
+
+    def __init__(self, in_channels: int, levels=DEFAULT_LEVELS, width: int = 128):
+        super().__init__()
+        self.down = nn.ModuleList([
+            nn.Conv2d(in_channels, width, 3, 1, 1),
+            nn.Conv2d(width, width, 3, 2, 1),
+            nn.Conv2d(width, width, 3, 2, 1),
+        ])
+        self.tidy = nn.ModuleList(nn.Conv2d(width, lv.per_cell, 1) for lv in levels)
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        scores, x = [], fmap
+        for down, tidy in zip(self.down, self.tidy):
+            x = F.relu(down(x))
+            scores.append(tidy(x).flatten(1))  # (channel, row, col) order, matching generate_anchors
+        return torch.cat(scores, dim=1)
+
+
+@dataclass
+class NTSOutput:
+    raw_logits: torch.Tensor      # (B, C)   whole image alone
+    concat_logits: torch.Tensor   # (B, C)   Scrutinizer: the prediction
+    part_logits: torch.Tensor     # (B, P, C) Teacher's classification of each part
+    part_scores: torch.Tensor     # (B, P)   Navigator's informativeness I of each selected part
+    part_boxes: torch.Tensor      # (B, P, 4) x0, y0, x1, y1 in input (resized) pixels
+    part_index: torch.Tensor      # (B, P)   anchor indices
+
+
+class NTSNet(nn.Module):
+    def __init__(self, config: NTSConfig, pretrained: bool = True):
+        super().__init__()
+        self.config = config
+        self.backbone = create_backbone(config.backbone, pretrained=pretrained)
+        c = self.backbone.out_channels
+        self.dropout = nn.Dropout(config.dropout)
+        self.raw_head = nn.Linear(c, config.num_classes)            # C(X): whole image
+        self.navigator = Navigator(c)
+        self.teacher_head = nn.Linear(c, config.num_classes)        # C(R): parts
+        self.scrutinizer_head = nn.Linear(c * (config.cat_num + 1), config.num_classes)
+        self.register_buffer("anchors", generate_anchors(config.input_size), persistent=False)
+        self.num_anchors = anchor_count(config.input_size)
+
+    @property
+    def mean(self):
+        return self.backbone.mean
+
+    @property
+    def std(self):
+        return self.backbone.std
+
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.backbone(x)
+        return fmap, fmap.float().mean((2, 3))
+
+    def crop_parts(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """All B*P crops in one batched roi_align; outside the image reads as 0 (the reference zero-pads)."""
+        b, p, _ = boxes.shape
+        rois = torch.cat([torch.arange(b, device=x.device, dtype=boxes.dtype).repeat_interleave(p)[:, None], boxes.reshape(-1, 4)], dim=1)
+        size = self.config.part_size
+        return roi_align(x, rois.to(x.dtype), output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+    def forward(self, x: torch.Tensor, num_parts: int | None = None) -> NTSOutput:
+        cfg = self.config
+        if num_parts is None:
+            num_parts = cfg.proposal_num if self.training else cfg.cat_num
+        if num_parts < cfg.cat_num:
+            raise ValueError(f"need at least K={cfg.cat_num} parts, got num_parts={num_parts}")
+        if tuple(x.shape[-2:]) != (cfg.input_size, cfg.input_size):
+            raise ValueError(f"expected input {cfg.input_size}x{cfg.input_size}, got {tuple(x.shape[-2:])}")
+        b = x.shape[0]
+        fmap, whole = self._features(x)
+        raw_logits = self.raw_head(self.dropout(whole))
+        # The Navigator learns only from the ranking loss; detaching keeps L_I out of the backbone (reference design).
+        scores = self.navigator(fmap.detach()).float()
+        if scores.shape[1] != self.num_anchors:
+            raise RuntimeError(f"Navigator produced {scores.shape[1]} scores for {self.num_anchors} anchors")
+        index = select_proposals(scores, self.anchors, num_parts, cfg.nms_iou)
+        part_scores = scores.gather(1, index)
+        boxes = self.anchors[index]  # (B, P, 4)
+        if num_parts == 0:
+            empty = whole.new_zeros(b, 0, cfg.num_classes)
+            return NTSOutput(raw_logits, self.scrutinizer_head(self.dropout(whole)), empty, part_scores, boxes, index)
+        parts = self.crop_parts(x, boxes)
+        _, part_feat = self._features(parts)
+        part_feat = part_feat.view(b, num_parts, -1)
+        part_logits = self.teacher_head(self.dropout(part_feat))
+        concat = torch.cat([part_feat[:, : cfg.cat_num].flatten(1), whole], dim=1)
+        concat_logits = self.scrutinizer_head(self.dropout(concat))
+        return NTSOutput(raw_logits, concat_logits, part_logits, part_scores, boxes, index)
+
+
+def ranking_loss(scores: torch.Tensor, confidence_loss: torch.Tensor) -> torch.Tensor:
+    """Paper eq. 3, L_I = sum over pairs with C_i < C_s of max(0, 1 - (I_s - I_i)), averaged over the batch.
+
+    ``confidence_loss`` is the Teacher's cross-entropy per part: a lower loss means a higher confidence C.
+    """
+    conf_lower = confidence_loss.unsqueeze(2) > confidence_loss.unsqueeze(1)     # [b, i, s]: C_i < C_s
+    margin = F.relu(1 - (scores.unsqueeze(1) - scores.unsqueeze(2)))            # [b, i, s]: f(I_s - I_i)
+    return (margin * conf_lower).sum() / scores.shape[0]
+
+
+def nts_loss(out: NTSOutput, labels: torch.Tensor, config: NTSConfig) -> dict[str, torch.Tensor]:
+    """L_total = L_I + lambda L_S + mu L_C (eq. 6), with every term reported.
+
+    L_C averages the parts' cross-entropy (as the reference implementation does) rather than summing it,
+    so its scale does not grow with M; the whole-image term is added on top.
+    """
+    b, p, c = out.part_logits.shape
+    l_raw = F.cross_entropy(out.raw_logits.float(), labels)
+    l_s = F.cross_entropy(out.concat_logits.float(), labels)
+    if p:
+        part_ce = F.cross_entropy(out.part_logits.float().reshape(b * p, c), labels.repeat_interleave(p), reduction="none").view(b, p)
+        l_parts = part_ce.mean()
+        l_i = ranking_loss(out.part_scores, part_ce.detach())
+    else:
+        l_parts = l_i = l_s.new_zeros(())
+    l_c = l_parts + l_raw
+    total = config.rank_weight * l_i + config.lambda_s * l_s + config.mu_c * l_c
+    return {"total": total, "L_I": l_i.detach(), "L_S": l_s.detach(), "L_C": l_c.detach(), "L_raw": l_raw.detach(), "L_parts": l_parts.detach()}

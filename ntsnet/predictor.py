@@ -1,0 +1,124 @@
+"""Inference: which product is in an image, and which regions the Navigator looked at.
+
+``Predictor.from_checkpoint(path).predict(image)`` returns a ``Prediction`` whose boxes are in the original
+image's pixels, so an overlay drawn on the caller's frame lines up. Only the K parts the Scrutinizer uses
+are cropped and encoded: the Teacher's other M-K parts cost time during training only.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .checkpoint import build_model, load_checkpoint
+from .images import to_input_tensor, to_rgb_array
+
+
+@dataclass
+class Box:
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    score: float
+
+
+@dataclass
+class Prediction:
+    label: str
+    confidence: float
+    top5: list[tuple[str, float]]
+    boxes: list[Box] = field(default_factory=list)
+    index: int = -1
+    image_size: tuple[int, int] = (0, 0)  # (width, height) of the original image
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "confidence": round(self.confidence, 6),
+            "top5": [{"label": n, "confidence": round(p, 6)} for n, p in self.top5],
+            "boxes": [{k: round(v, 2) for k, v in asdict(b).items()} for b in self.boxes],
+        }
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def cpu_supports_fast_bf16() -> bool:
+    """True where bf16 matmuls run on hardware (AMX / AVX512-BF16); elsewhere bf16 is slower than fp32."""
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        return False
+    return "AMX" in cap.upper() or "AVX512" in cap.upper()
+
+
+class Predictor:
+    def __init__(self, model, class_names, device="auto", precision: str = "auto"):
+        self.device = resolve_device(device)
+        if precision == "auto":
+            precision = "bf16" if (self.device.type == "cuda" or (self.device.type == "cpu" and cpu_supports_fast_bf16())) else "fp32"
+        if precision not in ("fp32", "bf16"):
+            raise ValueError("precision must be 'auto', 'fp32' or 'bf16'")
+        self.precision = precision
+        self.model = model.eval().to(self.device)
+        if self.device.type == "cpu" and precision == "bf16":
+            # oneDNN's bf16 convolutions are fastest in NHWC; measured in benchmarks/predict_latency.py
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.config = model.config
+        self.class_names = list(class_names)
+        self.extra: dict = {}
+
+    @classmethod
+    def from_checkpoint(cls, path, device="auto", precision="auto") -> "Predictor":
+        ckpt = load_checkpoint(path)
+        predictor = cls(build_model(ckpt), ckpt.class_names, device=device, precision=precision)
+        predictor.extra = ckpt.extra
+        return predictor
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def predict_batch(self, images, top_k: int = 5) -> list[Prediction]:
+        arrays = [to_rgb_array(im) for im in images]
+        if not arrays:
+            return []
+        size = self.config.input_size
+        x = to_input_tensor(arrays, size, self.model.mean, self.model.std).to(self.device)
+        if self.device.type == "cpu" and self.precision == "bf16":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            out = self.model(x, num_parts=self.config.cat_num)
+        probs = out.concat_logits.float().softmax(dim=1).cpu()
+        boxes = out.part_boxes.float().cpu()
+        scores = out.part_scores.float().cpu()
+        k = min(top_k, probs.shape[1])
+        top_p, top_i = probs.topk(k, dim=1)
+        results = []
+        for n, arr in enumerate(arrays):
+            h, w = arr.shape[:2]
+            sx, sy = w / size, h / size
+            pred_boxes = []
+            for (x0, y0, x1, y1), s in zip(boxes[n].tolist(), scores[n].tolist()):
+                pred_boxes.append(Box(
+                    float(np.clip(x0 * sx, 0, w)), float(np.clip(y0 * sy, 0, h)),
+                    float(np.clip(x1 * sx, 0, w)), float(np.clip(y1 * sy, 0, h)), float(s),
+                ))
+            top5 = [(self.class_names[i], float(p)) for p, i in zip(top_p[n].tolist(), top_i[n].tolist())]
+            results.append(Prediction(top5[0][0], top5[0][1], top5, pred_boxes, int(top_i[n, 0]), (w, h)))
+        return results
+
+    def predict(self, image, top_k: int = 5) -> Prediction:
+        return self.predict_batch([image], top_k=top_k)[0]

@@ -1,0 +1,78 @@
+import math
+
+import pytest
+import torch
+
+from ntsnet.anchors import DEFAULT_LEVELS, anchor_count, generate_anchors, level_shapes, select_proposals
+from ntsnet.model import Navigator
+
+
+def test_448_gives_1614_anchors_of_the_reference_design():
+    a = generate_anchors(448)
+    assert a.shape == (1614, 4) and anchor_count(448) == 1614
+    assert level_shapes(448) == [(14, 14), (7, 7), (4, 4)]
+    # first anchor: level stride 32, size 48, scale 2^(1/3), ratio 0.667, centred on the first cell (16, 16)
+    h = 48 * 2 ** (1 / 3) / math.sqrt(0.667)
+    w = 48 * 2 ** (1 / 3) * math.sqrt(0.667)
+    torch.testing.assert_close(a[0], torch.tensor([16 - w / 2, 16 - h / 2, 16 + w / 2, 16 + h / 2]))
+    # next anchor is the next column of the same (scale, ratio) map
+    torch.testing.assert_close(a[1] - a[0], torch.tensor([32.0, 0, 32, 0]))
+    # last anchor: coarsest level (stride 128, size 192), largest scale, ratio 1.5, last cell (448, 448)
+    s = 192 * 2 ** (2 / 3)
+    h, w = s / math.sqrt(1.5), s * math.sqrt(1.5)
+    torch.testing.assert_close(a[-1], torch.tensor([448 - w / 2, 448 - h / 2, 448 + w / 2, 448 + h / 2]))
+
+
+def test_every_anchor_has_the_designed_areas_and_ratios():
+    a = generate_anchors(448)
+    widths, heights = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+    ratios = torch.unique(torch.round(widths / heights * 1000) / 1000)
+    assert ratios.tolist() == pytest.approx([0.667, 1.0, 1.5], abs=2e-3)
+    expected_sides = sorted({round(lv.size * s, 3) for lv in DEFAULT_LEVELS for s in lv.scales})
+    sides = torch.unique(torch.round(torch.sqrt(widths * heights) * 1000) / 1000).tolist()
+    assert sides == pytest.approx(expected_sides, rel=1e-3)
+
+
+@pytest.mark.parametrize("size,expected", [(224, 7 * 7 * 6 + 4 * 4 * 6 + 2 * 2 * 9), ((300, 200), 10 * 7 * 6 + 5 * 4 * 6 + 3 * 2 * 9), (96, 3 * 3 * 6 + 2 * 2 * 6 + 1 * 9)])
+def test_other_input_sizes_match_the_navigator_output(size, expected):
+    assert generate_anchors(size).shape[0] == expected == anchor_count(size)
+    h, w = (size, size) if isinstance(size, int) else size
+    fmap = torch.zeros(1, 8, math.ceil(h / 32), math.ceil(w / 32))
+    assert Navigator(8)(fmap).shape == (1, expected)
+
+
+def brute_force_nms(boxes, scores, top_n, iou_thr):
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
+    kept = []
+    for i in order:
+        ok = True
+        for j in kept:
+            x0 = max(boxes[i][0], boxes[j][0]); y0 = max(boxes[i][1], boxes[j][1])
+            x1 = min(boxes[i][2], boxes[j][2]); y1 = min(boxes[i][3], boxes[j][3])
+            inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+            area = lambda b: (b[2] - b[0]) * (b[3] - b[1])
+            if inter / (area(boxes[i]) + area(boxes[j]) - inter) > iou_thr:
+                ok = False
+                break
+        if ok:
+            kept.append(i)
+            if len(kept) == top_n:
+                break
+    return kept
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hard_nms_matches_a_brute_force_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    anchors = generate_anchors(224)
+    scores = torch.randn(3, anchors.shape[0], generator=g)
+    got = select_proposals(scores, anchors, top_n=6, iou_threshold=0.25)
+    boxes = anchors.tolist()
+    for b in range(3):
+        assert got[b].tolist() == brute_force_nms(boxes, scores[b].tolist(), 6, 0.25)
+
+
+def test_nms_fills_up_when_too_few_anchors_survive():
+    anchors = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10.5], [1, 1, 10, 10]], dtype=torch.float)
+    idx = select_proposals(torch.tensor([[0.1, 0.9, 0.5]]), anchors, top_n=3)
+    assert idx.tolist() == [[1, 2, 0]]  # 1 survives NMS; the suppressed ones follow by score

@@ -1,0 +1,149 @@
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from synthetic import draw_product
+from ntsnet import CheckpointError, Predictor, load_checkpoint, save_checkpoint
+from ntsnet.checkpoint import build_model
+
+
+def test_round_trip_gives_identical_predictions(tiny_checkpoint, tmp_path, rng):
+    p1 = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32")
+    copy = tmp_path / "copy.safetensors"
+    save_checkpoint(copy, p1.model, p1.class_names, extra=p1.extra)
+    p2 = Predictor.from_checkpoint(copy, precision="fp32")
+    images = [draw_product(rng, name) for name in p1.class_names]
+    for a, b in zip(p1.predict_batch(images), p2.predict_batch(images)):
+        assert a.to_dict() == b.to_dict()
+    ckpt = load_checkpoint(copy)
+    assert ckpt.class_names == p1.class_names and ckpt.config.backbone == "tiny"
+    assert ckpt.extra["train_accuracy"] >= 0.95
+
+
+def test_predictor_recognises_the_synthetic_products(tiny_checkpoint):
+    pred = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32")
+    rng = np.random.default_rng(7)
+    correct = sum(pred.predict(draw_product(rng, name)).label == name for name in pred.class_names for _ in range(10))
+    assert correct >= 27  # of 30 unseen images
+
+
+def test_bf16_fast_path_agrees_with_fp32_on_top1(tiny_checkpoint):
+    fp32 = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", precision="fp32")
+    bf16 = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", precision="bf16")
+    rng = np.random.default_rng(11)
+    images = [draw_product(rng, n) for n in fp32.class_names for _ in range(8)]
+    a, b = fp32.predict_batch(images), bf16.predict_batch(images)
+    agree = sum(x.label == y.label for x, y in zip(a, b))
+    assert agree >= len(images) - 1
+    assert max(abs(x.confidence - y.confidence) for x, y in zip(a, b)) < 0.1
+
+
+@pytest.mark.parametrize("shape", [(17, 300), (300, 17), (5, 5), (1, 1), (480, 640)])
+def test_boxes_are_inside_the_original_image(tiny_checkpoint, shape):
+    pred = Predictor.from_checkpoint(tiny_checkpoint)
+    h, w = shape
+    image = np.random.default_rng(0).integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+    result = pred.predict(image)
+    assert len(result.boxes) == pred.config.cat_num
+    for b in result.boxes:
+        assert 0 <= b.x0 <= b.x1 <= w and 0 <= b.y0 <= b.y1 <= h
+    assert result.image_size == (w, h)
+    assert len(result.top5) == min(5, pred.config.num_classes)
+    assert result.confidence == pytest.approx(result.top5[0][1])
+
+
+def test_boxes_follow_the_object_scale(tiny_checkpoint):
+    """A box in resized-input pixels must land at the same relative place in the original frame."""
+    pred = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32")
+    img = draw_product(np.random.default_rng(3), "red-box")
+    small = pred.predict(img)
+    big = pred.predict(np.array(Image.fromarray(img).resize((96 * 4, 96 * 2), Image.NEAREST)))
+    for a, b in zip(small.boxes, big.boxes):
+        assert b.x0 == pytest.approx(min(a.x0 * 4, 384), abs=1e-3) and b.y1 == pytest.approx(min(a.y1 * 2, 192), abs=1e-3)
+
+
+def test_inputs_in_every_form(tiny_checkpoint, tmp_path):
+    pred = Predictor.from_checkpoint(tiny_checkpoint)
+    arr = draw_product(np.random.default_rng(5), "blue-can")
+    path = tmp_path / "x.png"
+    Image.fromarray(arr).save(path)
+    rgba = Image.fromarray(arr).convert("RGBA")
+    gray = arr.mean(axis=2).astype(np.uint8)
+    labels = {pred.predict(x).label for x in (arr, path, str(path), Image.fromarray(arr), rgba)}
+    assert labels == {"blue-can"}
+    pred.predict(gray)  # grayscale works too
+
+
+def _tamper(src, dst, offset_from_end=100):
+    data = bytearray(src.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    dst.write_bytes(bytes(data))
+
+
+def test_tampered_truncated_and_foreign_files_are_rejected(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "tampered.safetensors"
+    _tamper(tiny_checkpoint, bad)
+    with pytest.raises(CheckpointError, match="integrity"):
+        load_checkpoint(bad)
+    trunc = tmp_path / "truncated.safetensors"
+    trunc.write_bytes(tiny_checkpoint.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(trunc)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(empty)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (open, ("/tmp/ntsnet-pwned", "w"))
+
+
+def test_a_pickle_is_never_executed(tmp_path):
+    import os
+
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps({"weights": _Exploit()}))
+    if os.path.exists("/tmp/ntsnet-pwned"):
+        os.remove("/tmp/ntsnet-pwned")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(evil)
+    assert not os.path.exists("/tmp/ntsnet-pwned")
+
+
+def test_wrong_architecture_is_a_clear_error(tiny_checkpoint, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tiny_checkpoint), framework="pt") as fh:
+        meta = dict(fh.metadata())
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    cfg = json.loads(meta["config"])
+    cfg["backbone"] = "efficientnet_lite0"
+    meta["config"] = json.dumps(cfg)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(tensors, str(wrong), metadata=meta)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        build_model(load_checkpoint(wrong))
+    meta.pop("format")
+    save_file(tensors, str(wrong), metadata=meta)
+    with pytest.raises(CheckpointError, match="not an NTS-Net checkpoint"):
+        load_checkpoint(wrong)
+
+
+def test_save_is_atomic_and_checks_class_count(tiny_checkpoint, tmp_path):
+    pred = Predictor.from_checkpoint(tiny_checkpoint)
+    target = tmp_path / "model.safetensors"
+    save_checkpoint(target, pred.model, pred.class_names)
+    before = target.read_bytes()
+    with pytest.raises(ValueError, match="class names"):
+        save_checkpoint(target, pred.model, ["only-one"])
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left behind
