@@ -1,0 +1,89 @@
+"""Per-frame predict latency on this machine: NTS-Net vs a plain classifier of the same backbone, fp32 vs fast path.
+
+    python benchmarks/predict_latency.py [--backbones resnet50 efficientnet_lite0 ...] [--runs 10] [--input-size 448]
+
+Weights do not change latency, so every model is built with random weights (works offline). The plain
+classifier is backbone + global pool + linear head at the same input size, timed in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ntsnet import NTSConfig, NTSNet, Predictor  # noqa: E402
+from ntsnet.backbones import create_backbone  # noqa: E402
+from ntsnet.images import to_input_tensor  # noqa: E402
+
+
+def time_it(fn, runs, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def plain_classifier_ms(name, size, precision, runs, frame):
+    backbone = create_backbone(name, pretrained=False).eval()
+    head = torch.nn.Linear(backbone.out_channels, 81)
+    fast = precision == "bf16"
+    if fast:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if fast else contextlib.nullcontext
+
+    @torch.inference_mode()
+    def run():
+        x = to_input_tensor([frame], size, backbone.mean, backbone.std)
+        if fast:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with ctx():
+            return head(backbone(x).float().mean((2, 3))).softmax(1)
+
+    return time_it(run, runs)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backbones", nargs="+", default=["resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+    ap.add_argument("--input-size", type=int, default=448)
+    ap.add_argument("--part-size", type=int, default=224)
+    ap.add_argument("--cat-num", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=10)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    frame = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)  # a webcam frame
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"input {args.input_size}px, parts {args.part_size}px, K={args.cat_num}; median of {args.runs} runs, ms per 640x480 frame\n")
+    print("| backbone | NTS-Net fp32 | NTS-Net bf16+CL | speed-up | plain fp32 | plain bf16+CL | NTS/plain (fast path) | top-1 fp32 = bf16 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.backbones:
+        cfg = NTSConfig(backbone=name, num_classes=81, input_size=args.input_size, part_size=args.part_size, cat_num=args.cat_num)
+        model = NTSNet(cfg, pretrained=False)
+        classes = [f"c{i}" for i in range(81)]
+        fp32 = Predictor(model, classes, device="cpu", precision="fp32")
+        nts32 = time_it(lambda: fp32.predict(frame), args.runs)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model16 = NTSNet(cfg, pretrained=False)
+        model16.load_state_dict(state)
+        bf16 = Predictor(model16, classes, device="cpu", precision="bf16")
+        nts16 = time_it(lambda: bf16.predict(frame), args.runs)
+        frames = [np.random.default_rng(i).integers(0, 255, (480, 640, 3), dtype=np.uint8) for i in range(4)]
+        agree = sum(a.label == b.label for a, b in zip(fp32.predict_batch(frames), bf16.predict_batch(frames)))
+        p32 = plain_classifier_ms(name, args.input_size, "fp32", args.runs, frame)
+        p16 = plain_classifier_ms(name, args.input_size, "bf16", args.runs, frame)
+        print(f"| {name} | {nts32:.0f} | {nts16:.0f} | {nts32 / nts16:.2f}x | {p32:.0f} | {p16:.0f} | {nts16 / p16:.2f}x | {agree}/4 |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
