@@ -120,9 +120,9 @@ def load_checkpoint(path) -> Checkpoint:
 
 def build_model(ckpt: Checkpoint):
     """Instantiate the architecture the checkpoint describes and load its weights strictly."""
-    from .model import NTSNet
+    from .model import create_model
 
-    model = NTSNet(ckpt.config, pretrained=False)  # the checkpoint's weights replace any pretrained ones
+    model = create_model(ckpt.config, pretrained=False)  # the checkpoint's weights replace any pretrained ones
     try:
         model.load_state_dict(ckpt.state_dict, strict=True)
     except RuntimeError as exc:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 @dataclass
 class NTSConfig:
+    model: str = "ntsnet"   # "ntsnet", or "baseline": the same backbone as a plain classifier (paper Table 1)
     backbone: str = "resnet50"
     num_classes: int = 2
     input_size: int = 448   # the whole image is resized to input_size x input_size (paper 2.3)
@@ -19,6 +20,8 @@ class NTSConfig:
     mu_c: float = 1.0          # mu
 
     def __post_init__(self):
+        if self.model not in ("ntsnet", "baseline"):
+            raise ValueError(f"model must be 'ntsnet' or 'baseline', not {self.model!r}")
         if self.num_classes < 1:
             raise ValueError("num_classes must be at least 1")
         if not 0 <= self.cat_num <= self.proposal_num:

@@ -115,6 +115,33 @@ class NTSNet(nn.Module):
         return NTSOutput(raw_logits, concat_logits, part_logits, part_scores, boxes, index)
 
 
+class BaselineClassifier(nn.Module):
+    """The same backbone as a plain fine-tuned classifier: the paper's ResNet-50 row in Table 1.
+
+    Returns an NTSOutput with no parts so training, checkpoints, the predictor and evaluation treat both alike.
+    """
+
+    def __init__(self, config: NTSConfig, pretrained: bool = True):
+        super().__init__()
+        self.config = config
+        self.backbone = create_backbone(config.backbone, pretrained=pretrained)
+        self.dropout = nn.Dropout(config.dropout)
+        self.raw_head = nn.Linear(self.backbone.out_channels, config.num_classes)
+
+    mean = NTSNet.mean
+    std = NTSNet.std
+
+    def forward(self, x: torch.Tensor, num_parts: int | None = None) -> NTSOutput:
+        logits = self.raw_head(self.dropout(self.backbone(x).float().mean((2, 3))))
+        b = x.shape[0]
+        none = logits.new_zeros(b, 0)
+        return NTSOutput(logits, logits, logits.new_zeros(b, 0, logits.shape[1]), none, logits.new_zeros(b, 0, 4), none.long())
+
+
+def create_model(config: NTSConfig, pretrained: bool = True) -> nn.Module:
+    return (NTSNet if config.model == "ntsnet" else BaselineClassifier)(config, pretrained=pretrained)
+
+
 def ranking_loss(scores: torch.Tensor, confidence_loss: torch.Tensor) -> torch.Tensor:
     """Paper eq. 3, L_I = sum over pairs with C_i < C_s of max(0, 1 - (I_s - I_i)), averaged over the batch.
 
@@ -125,19 +152,25 @@ def ranking_loss(scores: torch.Tensor, confidence_loss: torch.Tensor) -> torch.T
     return (margin * conf_lower).sum() / scores.shape[0]
 
 
-def nts_loss(out: NTSOutput, labels: torch.Tensor, config: NTSConfig) -> dict[str, torch.Tensor]:
+def nts_loss(out: NTSOutput, labels: torch.Tensor, config: NTSConfig, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
     """L_total = L_I + lambda L_S + mu L_C (eq. 6), with every term reported.
 
     L_C averages the parts' cross-entropy (as the reference implementation does) rather than summing it,
     so its scale does not grow with M; the whole-image term is added on top.
     """
     b, p, c = out.part_logits.shape
-    l_raw = F.cross_entropy(out.raw_logits.float(), labels)
-    l_s = F.cross_entropy(out.concat_logits.float(), labels)
+    smooth = label_smoothing
+    l_raw = F.cross_entropy(out.raw_logits.float(), labels, label_smoothing=smooth)
+    l_s = F.cross_entropy(out.concat_logits.float(), labels, label_smoothing=smooth)
+    if config.model == "baseline":
+        zero = l_s.new_zeros(())
+        return {"total": l_s, "L_I": zero, "L_S": l_s.detach(), "L_C": zero, "L_raw": zero, "L_parts": zero}
     if p:
-        part_ce = F.cross_entropy(out.part_logits.float().reshape(b * p, c), labels.repeat_interleave(p), reduction="none").view(b, p)
-        l_parts = part_ce.mean()
-        l_i = ranking_loss(out.part_scores, part_ce.detach())
+        flat_logits, flat_labels = out.part_logits.float().reshape(b * p, c), labels.repeat_interleave(p)
+        l_parts = F.cross_entropy(flat_logits, flat_labels, label_smoothing=smooth)
+        # the ranking target is the Teacher's unsmoothed confidence in the true class
+        part_ce = F.cross_entropy(flat_logits.detach(), flat_labels, reduction="none").view(b, p)
+        l_i = ranking_loss(out.part_scores, part_ce)
     else:
         l_parts = l_i = l_s.new_zeros(())
     l_c = l_parts + l_raw

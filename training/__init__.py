@@ -1,0 +1,1 @@
+"""Training, background jobs and evaluation: catalogue -> checkpoint (``python -m training --help``)."""

@@ -1,0 +1,155 @@
+"""``python -m training train | evaluate | ablate | jobs``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .data import DataError
+from .train import TrainConfig
+
+
+def _add_train_args(p, with_db_out=True):
+    d = TrainConfig()
+    if with_db_out:
+        p.add_argument("--db", default=d.db, help="catalogue directory")
+        p.add_argument("--out", required=True, help="run directory (checkpoints, metrics)")
+    p.add_argument("--model", choices=["ntsnet", "baseline"], default=d.model)
+    p.add_argument("--backbone", default=d.backbone, help="resnet50 | efficientnet_lite0/1/2 | tiny")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="train from random weights on purpose")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--input-size", type=int, default=d.input_size)
+    p.add_argument("--part-size", type=int, default=d.part_size)
+    p.add_argument("--proposal-num", type=int, default=d.proposal_num, help="M")
+    p.add_argument("--cat-num", type=int, default=d.cat_num, help="K")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--max-minutes", type=float, default=None, help="training-time budget")
+    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"])
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-train-images", type=int, default=None)
+
+
+def _train_config(args, **override) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{**{k: v for k, v in vars(args).items() if k in names}, **override})
+
+
+def cmd_train(args):
+    from .train import train
+
+    summary = train(_train_config(args))
+    return 0 if summary["state"] == "finished" else 1
+
+
+def cmd_evaluate(args):
+    from .evaluate import evaluate, format_report
+
+    out = args.report_dir or str(Path(args.checkpoint).parent / f"evaluation-{args.split}")
+    report = evaluate(args.checkpoint, args.db, split=args.split, out_dir=out, progress=not args.json,
+                      device=args.device, precision=args.precision)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "confusion"}, ensure_ascii=False))
+    else:
+        print(format_report(report))
+        print(f"confusion matrix: {out}/confusion.png, {out}/confusion.csv")
+    return 0
+
+
+def cmd_ablate(args):
+    from .ablate import ablate, format_tables
+
+    results = ablate(_train_config(args), args.minutes, split=args.split)
+    print(format_tables(results, args.backbone))
+    return 0
+
+
+def cmd_jobs(args):
+    from . import jobs
+
+    if args.action == "start":
+        st = jobs.start(args.db, out=args.out, epochs=args.epochs, backbone=args.backbone, max_minutes=args.max_minutes,
+                        cat_num=args.cat_num, input_size=args.input_size)
+        print(f"started {st['name']} (pid {st['pid']}); follow with: python -m training jobs status {st['run_dir']}")
+    elif args.action == "status":
+        st = jobs.status(args.run)
+        p = st["progress"]
+        print(json.dumps({k: st[k] for k in ("name", "state", "pid", "best_val_acc")} | {"epoch": p.get("epoch"), "epochs": p.get("epochs"),
+                          "step": p.get("step"), "steps": p.get("steps"), "loss": p.get("loss"), "eta_seconds": p.get("eta_seconds")}))
+    elif args.action == "cancel":
+        print(f"{jobs.cancel(args.run)['state']}")
+    elif args.action == "list":
+        for st in jobs.list_runs(args.db):
+            best = f"{st['best_val_acc']:.1%}" if st["best_val_acc"] is not None else "-"
+            print(f"{st['name']}  {st['state']:<11} best val {best}  {st['run_dir']}")
+    return 0
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="python -m training", description="Train and evaluate NTS-Net on a catalogue.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train (resumes automatically when RUN_DIR has a saved epoch)")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy, per class, confusions and store conditions")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--db", default="data")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--report-dir", help="where confusion.png/.csv and evaluation.json go (default: beside the checkpoint)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("ablate", help="baseline and K = 0, 2, 4 under one time budget; prints Tables 1 and 2")
+    _add_train_args(p)
+    p.add_argument("--minutes", type=float, required=True, help="total training minutes, split equally")
+    p.add_argument("--split", default="val", choices=["val", "test"])
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("jobs", help="background jobs: start | status RUN | cancel RUN | list")
+    p.add_argument("action", choices=["start", "status", "cancel", "list"])
+    p.add_argument("run", nargs="?", help="run directory (status, cancel)")
+    p.add_argument("--db", default="data")
+    p.add_argument("--out")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--backbone")
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--cat-num", type=int)
+    p.add_argument("--input-size", type=int)
+    p.set_defaults(func=cmd_jobs)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "jobs" and args.action in ("status", "cancel") and not args.run:
+        print("error: give the run directory", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the clear one-liners for known failure kinds
+        from dataset_tools import CatalogueError
+        from ntsnet import CheckpointError, PretrainedWeightsUnavailable
+
+        from .jobs import JobError
+
+        if isinstance(exc, (CatalogueError, CheckpointError, PretrainedWeightsUnavailable, JobError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""From catalogue to batches: a frozen snapshot of the image list, and a Dataset over it.
+
+The snapshot (RUN_DIR/snapshot.json) is taken when a run starts and reused when it resumes, so photos
+captured, relabelled or deleted during training do not change what the run trains on. Photos are stored
+content-addressed, so a path in the snapshot keeps meaning the same pixels; a photo deleted meanwhile is
+skipped and counted like a corrupt one.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+from dataset_tools import Catalogue, assign_splits
+from ntsnet.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class DataError(ValueError):
+    """The catalogue cannot be trained on as it is; the message says what to do."""
+
+
+@dataclass
+class Snapshot:
+    class_names: list[str]
+    train: list[dict]   # {"path", "label", "tags"}
+    val: list[dict]
+    test: list[dict]
+
+    def save(self, path: Path):
+        from ntsnet.checkpoint import atomic_write
+
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(self.__dict__, ensure_ascii=False)))
+
+    @classmethod
+    def load(cls, path: Path) -> "Snapshot":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def take_snapshot(db, min_per_class: int = 1) -> Snapshot:
+    """Labelled photos by split. Fills in missing splits (stable: earlier assignments never move)."""
+    cat = Catalogue(db, create=False)
+    if cat.db.execute("SELECT COUNT(*) FROM images WHERE product_id IS NOT NULL AND split IS NULL").fetchone()[0]:
+        assign_splits(cat)
+    products = cat.products()
+    if not products or sum(p["images"] for p in products) == 0:
+        raise DataError("the catalogue has no labelled photos yet: capture or import photos of at least two products first")
+    trainable = [p for p in products if p["train"] >= min_per_class]
+    skipped = [p["name"] for p in products if p["train"] < min_per_class]
+    if len(trainable) < 2:
+        raise DataError(f"training needs at least two products with training photos; found {len(trainable)}"
+                        + (f" (no training photos: {', '.join(skipped)})" if skipped else ""))
+    names = [p["name"] for p in trainable]
+    index = {n: i for i, n in enumerate(names)}
+    splits: dict[str, list] = {"train": [], "val": [], "test": []}
+    for img in cat.images():
+        if img["product"] in index and img["split"] in splits:
+            splits[img["split"]].append({"path": str(cat.image_path(img).resolve()), "label": index[img["product"]], "tags": img["tags"]})
+    cat.close()
+    return Snapshot(names, splits["train"], splits["val"], splits["test"])
+
+
+def load_rgb(path: str) -> Image.Image | None:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def to_tensor(im: Image.Image, size: int, flip: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    im = im.resize((size, size), Image.BILINEAR)
+    if flip:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+class PhotoDataset(torch.utils.data.Dataset):
+    """Resize to size x size, random horizontal flip for training (the paper's augmentation), normalise.
+
+    Randomness comes from (seed, epoch, index), not from worker state, so a run is reproducible with any
+    number of DataLoader workers and after a resume. Unreadable photos yield None (dropped by ``collate``).
+    """
+
+    def __init__(self, items: list[dict], size: int, train: bool, seed: int = 0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.items, self.size, self.train, self.seed = items, size, train, seed
+        self.mean, self.std = mean, std
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        im = load_rgb(item["path"])
+        if im is None:
+            return None
+        flip = False
+        if self.train:
+            flip = bool(np.random.default_rng([self.seed, self.epoch, i]).random() < 0.5)
+        return to_tensor(im, self.size, flip, self.mean, self.std), item["label"]
+
+
+def collate(batch):
+    """Drop unreadable photos; report how many were dropped as the third element."""
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, None, skipped
+    return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good]), skipped

@@ -1,0 +1,187 @@
+"""Measure a checkpoint the way the paper does: accuracy, per class, confusions, and store conditions (Table 3).
+
+Conditions are applied to every evaluation photo: clean; dark (brightness cut to 25%); blurry (Gaussian blur,
+sigma 1.5% of the longest side); low resolution (longest side 80 px, as in the paper); plus accuracy per
+capture tag (front / side / ...) recorded in the catalogue.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from dataset_tools import Catalogue
+
+from .data import DataError, load_rgb
+
+CONDITIONS = ("clean", "dark", "blurry", "low-res")
+
+
+def apply_condition(rgb: np.ndarray, condition: str) -> np.ndarray:
+    if condition == "clean":
+        return rgb
+    if condition == "dark":
+        return (rgb.astype(np.float32) * 0.25).round().astype(np.uint8)
+    if condition == "blurry":
+        sigma = 0.015 * max(rgb.shape[:2])
+        return cv2.GaussianBlur(rgb, (0, 0), sigmaX=sigma)
+    if condition == "low-res":
+        h, w = rgb.shape[:2]
+        scale = 80.0 / max(h, w)
+        if scale >= 1:
+            return rgb
+        return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    raise ValueError(f"unknown condition {condition!r}")
+
+
+def compute_metrics(y_true, y_pred, top5, class_names) -> dict:
+    """Exact accuracy figures from labels (ints), predictions (ints) and top-5 index lists."""
+    n_cls = len(class_names)
+    y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
+    n = len(y_true)
+    confusion = np.zeros((n_cls, n_cls), dtype=int)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    per_class = {}
+    for i, name in enumerate(class_names):
+        total = int(confusion[i].sum())
+        if total:
+            per_class[name] = {"n": total, "correct": int(confusion[i, i]), "accuracy": confusion[i, i] / total}
+    pairs = Counter()
+    for t, p in zip(y_true, y_pred):
+        if t != p:
+            pairs[(class_names[t], class_names[p])] += 1
+    return {
+        "n": n,
+        "accuracy": float((y_true == y_pred).mean()) if n else float("nan"),
+        "top5": float(np.mean([t in set(k[:5]) for t, k in zip(y_true, top5)])) if n else float("nan"),
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+        "most_confused": [{"true": a, "predicted": b, "count": c} for (a, b), c in pairs.most_common(10)],
+    }
+
+
+def _eval_items(db, class_names, split):
+    cat = Catalogue(db, create=False)
+    index = {n: i for i, n in enumerate(class_names)}
+    items, unknown = [], 0
+    for img in cat.images(split=split):
+        if img["product"] in index:
+            items.append({"path": str(cat.image_path(img)), "label": index[img["product"]], "tags": img["tags"]})
+        elif img["product"] is not None:
+            unknown += 1
+    cat.close()
+    return items, unknown
+
+
+def evaluate(checkpoint, db, split: str = "test", out_dir=None, conditions=CONDITIONS, batch_size: int = 16,
+             device: str = "auto", precision: str = "auto", progress: bool = True, predictor=None) -> dict:
+    from tqdm import tqdm
+
+    from ntsnet import Predictor
+
+    predictor = predictor or Predictor.from_checkpoint(checkpoint, device=device, precision=precision)
+    names = predictor.class_names
+    items, unknown = _eval_items(db, names, split)
+    if not items:
+        raise DataError(f"no photos of the model's products in the {split!r} split; assign splits (python -m dataset_tools split) or pick another --split")
+    results: dict[str, dict] = {}
+    skipped = 0
+    clean_preds = None
+    for cond in conditions:
+        y_true, y_pred, top5, item_tags = [], [], [], []
+        for start in tqdm(range(0, len(items), batch_size), desc=f"evaluate {cond}", disable=not progress, unit="batch"):
+            batch = items[start:start + batch_size]
+            arrays, labels, tags_of = [], [], []
+            for it in batch:
+                im = load_rgb(it["path"])
+                if im is None:
+                    skipped += cond == conditions[0]
+                    continue
+                arrays.append(apply_condition(np.asarray(im), cond))
+                labels.append(it["label"])
+                tags_of.append(it["tags"])
+            if not arrays:
+                continue
+            for pred, label in zip(predictor.predict_batch(arrays), labels):
+                y_true.append(label)
+                y_pred.append(pred.index)
+                top5.append([names.index(n) for n, _ in pred.top5])
+            item_tags += tags_of
+        results[cond] = compute_metrics(y_true, y_pred, top5, names)
+        if cond == "clean":
+            clean_preds = (item_tags, y_true, y_pred)
+    main = results.get("clean") or next(iter(results.values()))
+    report = {
+        "checkpoint": str(checkpoint), "split": split, "n": main["n"], "accuracy": main["accuracy"], "top5": main["top5"],
+        "per_class": main["per_class"], "most_confused": main["most_confused"], "confusion": main["confusion"],
+        "class_names": names, "conditions": {c: {"n": r["n"], "accuracy": r["accuracy"]} for c, r in results.items()},
+        "skipped_unreadable": skipped, "excluded_unknown_products": unknown,
+    }
+    if clean_preds is not None:  # per capture tag, like the paper's front / side columns
+        tags: dict[str, list] = {}
+        for its, t, p in zip(*clean_preds):
+            for tag in its:
+                tags.setdefault(tag, []).append(t == p)
+        report["tags"] = {tag: {"n": len(v), "accuracy": float(np.mean(v))} for tag, v in sorted(tags.items())}
+    if out_dir is not None:
+        write_report_files(report, Path(out_dir))
+    return report
+
+
+def write_report_files(report: dict, out_dir: Path):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = report["class_names"]
+    with open(out_dir / "confusion.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["true \\ predicted", *names])
+        for name, row in zip(names, report["confusion"]):
+            w.writerow([name, *row])
+    plot_confusion(report["confusion"], names, out_dir / "confusion.png")
+    (out_dir / "evaluation.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+
+
+def plot_confusion(confusion, names, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(confusion, dtype=float)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    n = len(names)
+    side = min(24, max(5, 0.22 * n + 3))
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), labels=names, rotation=90, fontsize=max(4, 10 - n // 12))
+    ax.set_yticks(range(n), labels=names, fontsize=max(4, 10 - n // 12))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_title("confusion matrix (row-normalised)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{report['n']} photos ({report['split']} split): top-1 {report['accuracy']:.1%}, top-5 {report['top5']:.1%}"]
+    lines.append("condition   accuracy")
+    for c, r in report["conditions"].items():
+        lines.append(f"  {c:<9} {r['accuracy']:.1%}  (n={r['n']})")
+    for tag, r in report.get("tags", {}).items():
+        lines.append(f"  tag {tag:<5} {r['accuracy']:.1%}  (n={r['n']})")
+    if report["most_confused"]:
+        lines.append("most confused (true -> predicted):")
+        lines += [f"  {m['true']} -> {m['predicted']}: {m['count']}" for m in report["most_confused"][:5]]
+    worst = sorted(report["per_class"].items(), key=lambda kv: kv[1]["accuracy"])[:5]
+    lines.append("weakest products: " + ", ".join(f"{k} {v['accuracy']:.0%}" for k, v in worst))
+    return "\n".join(lines)
