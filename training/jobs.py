@@ -98,6 +98,10 @@ def start(db, out=None, **train_args) -> dict:
     (run_dir / "CANCEL").unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "training", "train", "--db", str(db.resolve()), "--out", str(run_dir.resolve())]
     for key, value in train_args.items():
+        if key == "pretrained":
+            if not value:
+                cmd.append("--no-pretrained")
+            continue
         if value is None or value is False:
             continue
         flag = "--" + key.replace("_", "-")

@@ -158,6 +158,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     model_cfg = NTSConfig(model=cfg.model, backbone=cfg.backbone, num_classes=len(snap.class_names), input_size=cfg.input_size,
                           part_size=cfg.part_size, proposal_num=cfg.proposal_num, cat_num=cfg.cat_num)
+    torch.manual_seed(cfg.seed)  # the new heads' initial weights
     model = create_model(model_cfg, pretrained=cfg.pretrained and saved is None)
     if saved is not None:
         model.load_state_dict(saved["model"])

@@ -1,0 +1,189 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from synthetic import make_dataset
+from dataset_tools import Catalogue, assign_splits
+from training import jobs
+from training.data import DataError, take_snapshot
+from training.evaluate import apply_condition, compute_metrics, evaluate
+from training.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["--backbone", "tiny", "--no-pretrained", "--input-size", "96", "--part-size", "48", "--proposal-num", "4",
+             "--cat-num", "2", "--batch-size", "8", "--lr", "0.05", "--workers", "0", "--precision", "fp32"]
+
+
+def tiny_config(db, out, **kw):
+    base = dict(db=str(db), out=str(out), backbone="tiny", pretrained=False, input_size=96, part_size=48, proposal_num=4,
+                cat_num=2, batch_size=8, lr=0.05, workers=0, precision="fp32", epochs=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def make_catalogue(root, n_per_class=20, seed=0, tags=True):
+    cat = Catalogue(root)
+    images, labels, classes = make_dataset(n_per_class, size=96, seed=seed)
+    for im, label in zip(images, labels):
+        cat.add_image(im, product=classes[label], create_product=True, source_kind="webcam",
+                      tags=(["side"] if label == 0 else ["front"]) if tags else ())
+    assign_splits(cat, val=0.2, test=0.2)
+    return cat
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    return make_catalogue(tmp_path_factory.mktemp("cat") / "c").root
+
+
+def test_short_run_learns_a_separable_task(catalogue, tmp_path):
+    summary = train(tiny_config(catalogue, tmp_path / "run", epochs=8), log=lambda *a: None)
+    assert summary["state"] == "finished" and summary["epoch"] == 8
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == list(range(1, 9))
+    assert {"L_I", "L_S", "L_C", "train_acc", "val_acc", "images_per_s", "lr"} <= set(lines[0])
+    assert lines[-1]["val_acc"] >= 0.9 and lines[-1]["train_acc"] > lines[0]["train_acc"]
+    assert (tmp_path / "run" / "best.safetensors").exists() and (tmp_path / "run" / "last.safetensors").exists()
+    # a finished run is not retrained
+    again = train(tiny_config(catalogue, tmp_path / "run", epochs=8), log=lambda *a: None)
+    assert again["state"] == "finished" and len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 8
+
+
+def test_runs_are_deterministic_given_a_seed(catalogue, tmp_path):
+    a = train(tiny_config(catalogue, tmp_path / "a", epochs=2), log=lambda *a: None)
+    b = train(tiny_config(catalogue, tmp_path / "b", epochs=2), log=lambda *a: None)
+    assert a["total"] == b["total"] and a["val_acc"] == b["val_acc"]
+
+
+def _run_train_cli(db, out, epochs, **popen):
+    cmd = [sys.executable, "-m", "training", "train", "--db", str(db), "--out", str(out), "--epochs", str(epochs), *TINY_ARGS]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_kill_9_then_same_command_resumes_to_the_same_result(catalogue, tmp_path):
+    run = tmp_path / "killed"
+    proc = _run_train_cli(catalogue, run, epochs=3)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(metrics.read_text().splitlines())
+    assert 1 <= done < 3, "the run should have been killed mid-way"
+    proc = _run_train_cli(catalogue, run, epochs=3)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "resuming after epoch" in out
+    assert [json.loads(x)["epoch"] for x in metrics.read_text().splitlines()] == [1, 2, 3]
+    # identical to a run that was never interrupted
+    ref = _run_train_cli(catalogue, tmp_path / "ref", epochs=3)
+    ref.communicate(timeout=300)
+    from ntsnet import load_checkpoint
+
+    a = load_checkpoint(run / "last.safetensors").state_dict
+    b = load_checkpoint(tmp_path / "ref" / "last.safetensors").state_dict
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cancel_through_the_job_runner(catalogue, tmp_path):
+    run = tmp_path / "job"
+    st = jobs.start(catalogue, out=run, epochs=500, backbone="tiny", pretrained=False, input_size=96, part_size=48,
+                    proposal_num=4, cat_num=2, workers=0, lr=0.05)
+    assert st["alive"]
+    with pytest.raises(jobs.JobError, match="already running"):
+        jobs.start(catalogue, out=tmp_path / "second", epochs=1, backbone="tiny", pretrained=False)
+    deadline = time.time() + 120
+    while time.time() < deadline and jobs.status(run)["progress"].get("state") != "running":
+        time.sleep(0.1)
+    live = jobs.status(run)
+    assert live["state"] == "running" and live["progress"]["epochs"] == 500 and "loss" in live["progress"]
+    st = jobs.cancel(run, timeout=60)
+    assert st["state"] == "cancelled" and not st["alive"]
+    assert jobs.active_job(catalogue) is None
+    # a new job can start once the old one is gone, and the status survives a fresh reader (a restarted UI)
+    jobs._children.clear()
+    assert jobs.status(run)["state"] == "cancelled"
+
+
+def test_evaluation_numbers_on_a_hand_made_case():
+    names = ["a", "b", "c"]
+    y_true = [0, 0, 0, 1, 1, 2]
+    y_pred = [0, 0, 1, 1, 0, 1]
+    top5 = [[0, 1, 2], [0, 2, 1], [1, 2, 0], [1, 0, 2], [0, 2, 1], [1, 0, 2]]
+    m = compute_metrics(y_true, y_pred, top5, names)
+    assert m["n"] == 6 and m["accuracy"] == 3 / 6 and m["top5"] == 1.0
+    assert m["per_class"]["a"] == {"n": 3, "correct": 2, "accuracy": 2 / 3}
+    assert m["per_class"]["b"]["accuracy"] == 0.5 and m["per_class"]["c"]["accuracy"] == 0.0
+    assert m["confusion"] == [[2, 1, 0], [1, 1, 0], [0, 1, 0]]
+    assert {(p["true"], p["predicted"], p["count"]) for p in m["most_confused"]} == {("a", "b", 1), ("b", "a", 1), ("c", "b", 1)}
+    m2 = compute_metrics([0, 1], [1, 0], [[1], [0]], ["a", "b"])
+    assert m2["top5"] == 0.0  # the true class is not among a 1-long top list
+
+
+def test_store_conditions():
+    rgb = np.full((400, 300, 3), 200, np.uint8)
+    assert max(apply_condition(rgb, "low-res").shape[:2]) == 80
+    assert apply_condition(rgb, "dark").mean() == pytest.approx(50, abs=1)
+    checker = np.indices((100, 100)).sum(0) % 2 * 255
+    img = np.repeat(checker[:, :, None], 3, 2).astype(np.uint8)
+    assert apply_condition(img, "blurry").std() < img.std() / 3
+
+
+def test_evaluate_end_to_end(catalogue, tmp_path):
+    train(tiny_config(catalogue, tmp_path / "run", epochs=3), log=lambda *a: None)
+    report = evaluate(tmp_path / "run" / "best.safetensors", catalogue, split="test", out_dir=tmp_path / "rep", progress=False)
+    assert report["n"] == 12 and set(report["conditions"]) == {"clean", "dark", "blurry", "low-res"}
+    assert report["tags"]["side"]["n"] == 4 and report["tags"]["front"]["n"] == 8
+    assert (tmp_path / "rep" / "confusion.png").exists() and (tmp_path / "rep" / "confusion.csv").read_text().count("\n") == 4
+    r = subprocess.run([sys.executable, "-m", "training", "evaluate", "--checkpoint", str(tmp_path / "run" / "best.safetensors"),
+                        "--db", str(catalogue), "--split", "test", "--json", "--report-dir", str(tmp_path / "rep2")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    data = json.loads(r.stdout)
+    assert {"n", "accuracy", "top5", "per_class", "conditions"} <= set(data)
+    assert data["accuracy"] == report["accuracy"]
+
+
+def test_bad_catalogues_give_clear_messages(tmp_path):
+    empty = Catalogue(tmp_path / "empty")
+    with pytest.raises(DataError, match="no labelled photos"):
+        take_snapshot(empty.root)
+    one = make_catalogue(tmp_path / "one", n_per_class=3)
+    for name in ("blue-can", "green-pack"):
+        one.delete_product(name, confirm=True)
+    with pytest.raises(DataError, match="at least two products"):
+        take_snapshot(one.root)
+    r = subprocess.run([sys.executable, "-m", "training", "train", "--db", str(one.root), "--out", str(tmp_path / "r"), *TINY_ARGS],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    # a product whose only photos are held out is left out of training, the others train
+    cat = make_catalogue(tmp_path / "three", n_per_class=6)
+    ids = [i["id"] for i in cat.images(product="red-box")]
+    cat.set_splits({i: "val" for i in ids})
+    snap = take_snapshot(cat.root)
+    assert "red-box" not in snap.class_names and len(snap.class_names) == 2
+
+
+def test_corrupt_photo_at_training_time_is_skipped_and_counted(tmp_path):
+    cat = make_catalogue(tmp_path / "c", n_per_class=8)
+    victim = cat.images(split="train")[0]
+    cat.image_path(victim).write_bytes(b"corrupted after import")
+    summary = train(tiny_config(cat.root, tmp_path / "run", epochs=1, batch_size=4), log=lambda *a: None)
+    assert summary["state"] == "finished" and summary["skipped_images"] == 1
+
+
+def test_ddp_with_two_gloo_processes(catalogue, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training", "train",
+           "--db", str(catalogue), "--out", str(tmp_path / "ddp"), "--epochs", "1", *TINY_ARGS, "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "2 processes" in r.stdout + r.stderr
+    lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1
