@@ -421,14 +421,11 @@ class Catalogue:
             for s in per_split:
                 per_split[s] += p[s]
         unlabelled = self.db.execute("SELECT COUNT(*) FROM images WHERE product_id IS NULL").fetchone()[0]
-        warn_counts: dict[str, int] = {}
-        flagged = []
-        for image_id, product, warnings in self.db.execute(
-                "SELECT i.id, p.name, i.warnings FROM images i LEFT JOIN products p ON p.id = i.product_id WHERE i.warnings != '[]'"):
-            w = json.loads(warnings)
-            for x in w:
-                warn_counts[x] = warn_counts.get(x, 0) + 1
-            flagged.append({"id": image_id, "product": product, "warnings": w})
+        warn_counts = dict(self.db.execute(
+            "SELECT j.value, COUNT(*) FROM images, json_each(images.warnings) AS j GROUP BY j.value ORDER BY j.value").fetchall())
+        flagged = [{"id": i, "product": p, "warnings": json.loads(w)} for i, p, w in self.db.execute(
+            "SELECT i.id, p.name, i.warnings FROM images i LEFT JOIN products p ON p.id = i.product_id"
+            " WHERE i.warnings != '[]' ORDER BY i.id DESC LIMIT 200")]
         return {
             "root": str(self.root),
             "schema_version": self.schema_version,
@@ -438,7 +435,7 @@ class Catalogue:
             "per_split": per_split,
             "per_product": {p["name"]: {k: p[k] for k in ("images", "train", "val", "test", "unassigned")} for p in products},
             "quality_warnings": warn_counts,
-            "flagged_images": flagged[:1000],
+            "flagged_images": flagged,  # the 200 most recent
         }
 
     def verify(self, repair: bool = True) -> dict:

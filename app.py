@@ -1,0 +1,348 @@
+"""Retail product recogniser: collect photos, label them, train NTS-Net, recognise live. ``python app.py --help``.
+
+This file only lays out the screen and wires events; every action is a plain function in webapp/actions.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import gradio as gr
+import pandas as pd
+
+from ntsnet.backbones import list_backbones
+from webapp.actions import CONDITION_TAGS, Studio, StudioError
+
+TITLE = "Product recogniser (NTS-Net)"
+
+
+def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool = True) -> gr.Blocks:
+    latest_frames: dict[str, object] = {}  # session -> last webcam frame (Collect tab)
+
+    def fail(exc):
+        raise gr.Error(str(exc))
+
+    # ------------------------------------------------------------------ small helpers shared by events
+    def product_choices(selected=None):
+        names = studio.product_names()
+        return gr.update(choices=names, value=selected if selected in names else (names[0] if names else None))
+
+    def status_line():
+        active = studio.active_checkpoint()
+        ok, why = studio.training_readiness()
+        model = f"Active model: `{active}`" if active else "No active model yet."
+        return f"{model} · {len(studio.product_names())} products · {why}"
+
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"# {TITLE}")
+        header = gr.Markdown(status_line())
+
+        # ============================================================================ Collect
+        with gr.Tab("Collect", visible=allow_capture):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    product = gr.Dropdown(label="Product", choices=studio.product_names(), value=None, interactive=True)
+                    with gr.Accordion("New product", open=not studio.product_names()):
+                        new_name = gr.Textbox(label="Name", placeholder="e.g. Oat milk 1 L")
+                        new_sku = gr.Textbox(label="SKU / barcode (optional)")
+                        create_btn = gr.Button("Create product")
+                    tags = gr.CheckboxGroup(CONDITION_TAGS, label="Condition tags for this session")
+                    count = gr.Markdown("")
+                with gr.Column(scale=2):
+                    cam = gr.Image(label="Camera", sources=["webcam"], streaming=True, type="numpy",
+                                   webcam_options=gr.WebcamOptions(mirror=False))
+                    with gr.Row():
+                        snap_btn = gr.Button("Take photo", variant="primary")
+                        burst_every = gr.Number(label="Burst: every (ms)", value=500, minimum=100)
+                        burst_secs = gr.Number(label="for (s)", value=5, minimum=1, maximum=60)
+                        burst_btn = gr.Button("Burst")
+                    uploads = gr.File(label="Or drop photo files", file_count="multiple", file_types=["image"])
+                    upload_btn = gr.Button("Save uploaded files")
+                    collect_msg = gr.Markdown("")
+            collect_gallery = gr.Gallery(label="Photos of this product (newest first)", columns=8, height=300)
+
+        def on_create(name, sku):
+            try:
+                msg = studio.create_product(name, sku)
+            except StudioError as exc:
+                fail(exc)
+            return product_choices(name.strip()), msg, "", "", status_line()
+
+        def on_frame(frame, request: gr.Request):
+            latest_frames[request.session_hash if request else "-"] = frame
+            return gr.skip()
+
+        def on_snap(product_name, tag_list, request: gr.Request):
+            frame = latest_frames.get(request.session_hash if request else "-")
+            try:
+                r = studio.save_photo(frame, product_name, tag_list, source="webcam")
+            except StudioError as exc:
+                fail(exc)
+            return r["message"], studio.gallery(product_name), f"**{r['count']}** photos of “{product_name}”", status_line()
+
+        def on_burst(product_name, tag_list, every_ms, seconds, request: gr.Request):
+            key = request.session_hash if request else "-"
+            if not product_name:
+                fail("Choose or create a product first.")
+            end, saved, msgs = time.time() + float(seconds), 0, []
+            while time.time() < end:
+                frame = latest_frames.get(key)
+                if frame is not None:
+                    try:
+                        r = studio.save_photo(frame, product_name, tag_list, source="webcam")
+                        saved += "duplicate" not in r["warnings"]
+                        msgs = r["message"]
+                    except StudioError as exc:
+                        msgs = str(exc)
+                    yield f"Burst: {saved} saved. {msgs}", studio.gallery(product_name), f"**{studio._count(product_name)}** photos", status_line()
+                time.sleep(max(0.1, float(every_ms) / 1000))
+            yield f"Burst finished: {saved} photos saved.", studio.gallery(product_name), f"**{studio._count(product_name)}** photos", status_line()
+
+        def on_upload(files, product_name, tag_list):
+            r = studio.save_uploads(files, product_name, tag_list)
+            return r["message"], studio.gallery(product_name), None, status_line()
+
+        def on_product(product_name):
+            return studio.gallery(product_name), (f"**{studio._count(product_name)}** photos of “{product_name}”" if product_name else "")
+
+        create_btn.click(on_create, [new_name, new_sku], [product, collect_msg, new_name, new_sku, header])
+        cam.stream(on_frame, [cam], None, stream_every=0.1, concurrency_limit=None, trigger_mode="always_last", show_progress="hidden")
+        snap_btn.click(on_snap, [product, tags], [collect_msg, collect_gallery, count, header])
+        burst_btn.click(on_burst, [product, tags, burst_every, burst_secs], [collect_msg, collect_gallery, count, header])
+        upload_btn.click(on_upload, [uploads, product, tags], [collect_msg, collect_gallery, uploads, header])
+        product.change(on_product, [product], [collect_gallery, count])
+
+        # ============================================================================== Label
+        with gr.Tab("Label", visible=allow_capture):
+            with gr.Row():
+                browse = gr.Dropdown(label="Browse product", choices=studio.product_names(), interactive=True)
+                show_unlabelled = gr.Checkbox(label="Show unlabelled uploads instead")
+                refresh_label = gr.Button("Refresh")
+            label_gallery = gr.Gallery(label="Photos (caption: #id · split · warnings · tags)", columns=8, height=320)
+            with gr.Row():
+                selected = gr.CheckboxGroup(label="Select photos by id", choices=[])
+                move_to = gr.Dropdown(label="Move selected to", choices=studio.product_names(), interactive=True)
+                move_btn = gr.Button("Move")
+                confirm_delete = gr.Checkbox(label="Yes, delete permanently")
+                delete_btn = gr.Button("Delete selected", variant="stop")
+            label_msg = gr.Markdown("")
+            counts = gr.Dataframe(headers=["product", "SKU", "photos", "train", "val", "test"], value=studio.product_table(),
+                                  label="Photos per product and split", interactive=False)
+            with gr.Accordion("Review with the active model", open=False):
+                scan_btn = gr.Button("List possible mislabels")
+                mislabels = gr.Dataframe(headers=["id", "label", "predicted", "confidence"], interactive=False)
+                suggest_btn = gr.Button("Suggest products for unlabelled uploads")
+                suggestions = gr.Dataframe(headers=["id", "suggested", "confidence"], interactive=False)
+                with gr.Row():
+                    confirm_id = gr.Number(label="Photo id", precision=0)
+                    confirm_product = gr.Dropdown(label="Product", choices=studio.product_names(), allow_custom_value=True)
+                    confirm_btn = gr.Button("Confirm label")
+
+        def label_view(product_name, unlabelled):
+            if unlabelled:
+                imgs = studio.catalogue.images(unlabelled=True)
+            elif product_name:
+                imgs = studio.catalogue.images(product=product_name)
+            else:
+                imgs = []
+            ids = [str(i["id"]) for i in imgs]
+            names = studio.product_names()
+            return (studio.gallery(product_name, unlabelled=bool(unlabelled)), gr.update(choices=ids, value=[]), studio.product_table(),
+                    gr.update(choices=names), gr.update(choices=names), gr.update(choices=names))
+
+        label_outputs = [label_gallery, selected, counts, browse, move_to, confirm_product]
+
+        def on_move(ids, target, product_name, unlabelled):
+            try:
+                msg = studio.move_photos(ids, target)
+            except StudioError as exc:
+                fail(exc)
+            return (msg, *label_view(product_name, unlabelled))
+
+        def on_delete(ids, confirmed, product_name, unlabelled):
+            if not confirmed:
+                fail("Tick “Yes, delete permanently” first.")
+            try:
+                msg = studio.delete_photos(ids)
+            except StudioError as exc:
+                fail(exc)
+            return (msg, *label_view(product_name, unlabelled))
+
+        def on_scan():
+            rows = studio.possible_mislabels()
+            if studio.predictor() is None:
+                gr.Info("No active model yet: train one first.")
+            return [[r["id"], r["label"], r["predicted"], round(r["confidence"], 3)] for r in rows]
+
+        def on_suggest():
+            return [[r["id"], r["suggested"] or "(no model)", round(r["confidence"], 3)] for r in studio.suggestions()]
+
+        def on_confirm(image_id, product_name, browse_name, unlabelled):
+            if not image_id or not product_name:
+                fail("Give a photo id and a product.")
+            try:
+                msg = studio.confirm_suggestion(int(image_id), product_name)
+            except (StudioError, ValueError) as exc:
+                fail(exc)
+            return (msg, *label_view(browse_name, unlabelled))
+
+        for trigger in (browse.change, show_unlabelled.change, refresh_label.click):
+            trigger(label_view, [browse, show_unlabelled], label_outputs)
+        move_btn.click(on_move, [selected, move_to, browse, show_unlabelled], [label_msg, *label_outputs])
+        delete_btn.click(on_delete, [selected, confirm_delete, browse, show_unlabelled], [label_msg, *label_outputs])
+        scan_btn.click(on_scan, None, mislabels)
+        suggest_btn.click(on_suggest, None, suggestions)
+        confirm_btn.click(on_confirm, [confirm_id, confirm_product, browse, show_unlabelled], [label_msg, *label_outputs])
+
+        # ============================================================================== Train
+        with gr.Tab("Train", visible=allow_training):
+            readiness = gr.Markdown(studio.training_readiness()[1])
+            with gr.Row():
+                backbone = gr.Dropdown(list_backbones(), value="efficientnet_lite0", label="Backbone")
+                epochs = gr.Slider(1, 200, value=10, step=1, label="Epochs")
+                minutes = gr.Number(label="Time budget (minutes, optional)", value=None)
+                k_parts = gr.Radio([0, 2, 4], value=4, label="K (parts the Scrutinizer uses)")
+            with gr.Accordion("Advanced", open=False):
+                with gr.Row():
+                    input_size = gr.Dropdown([96, 224, 320, 448], value=448, label="Input size (px)")
+                    lr = gr.Number(value=0.001, label="Learning rate")
+                    batch = gr.Slider(2, 64, value=8, step=1, label="Batch size")
+            with gr.Row():
+                train_btn = gr.Button("Train", variant="primary")
+                cancel_btn = gr.Button("Cancel", variant="stop")
+            run_status = gr.Markdown("")
+            with gr.Row():
+                loss_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Loss terms per epoch", height=260)
+                acc_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Accuracy per epoch", y_lim=[0, 1], height=260)
+            runs_table = gr.Dataframe(headers=["run", "state", "best val acc", "epochs", "backbone", "K"], interactive=False, label="Runs")
+            with gr.Row():
+                run_pick = gr.Dropdown(label="Run", choices=[], interactive=True)
+                activate_btn = gr.Button("Make active model")
+            timer = gr.Timer(2.0)
+
+        def curves(run):
+            rows_loss, rows_acc = [], []
+            for m in (run or {}).get("metrics", []):
+                for key in ("total", "L_I", "L_S", "L_C"):
+                    rows_loss.append({"epoch": m["epoch"], "value": m[key], "series": key})
+                for key in ("train_acc", "val_acc"):
+                    if m.get(key) is not None:
+                        rows_acc.append({"epoch": m["epoch"], "value": m[key], "series": key})
+            empty = pd.DataFrame({"epoch": [], "value": [], "series": []})
+            return pd.DataFrame(rows_loss) if rows_loss else empty, pd.DataFrame(rows_acc) if rows_acc else empty
+
+        def train_view():
+            run = studio.current_run()
+            runs = studio.runs()
+            table = [[r["name"], r["state"], None if r["best_val_acc"] is None else round(r["best_val_acc"], 4),
+                      len(r["metrics"]), r["config"].get("backbone", ""), r["config"].get("cat_num", "")] for r in runs]
+            loss_df, acc_df = curves(run)
+            names = [r["name"] for r in runs if r["checkpoint"]]
+            return (studio.describe_run(run), loss_df, acc_df, table, gr.update(choices=names), studio.training_readiness()[1])
+
+        train_outputs = [run_status, loss_plot, acc_plot, runs_table, run_pick, readiness]
+
+        def on_train(bb, ep, mins, k, size, rate, bs):
+            try:
+                studio.start_training(bb, int(ep), mins or None, int(k), int(size), lr=float(rate), batch_size=int(bs))
+            except StudioError as exc:
+                fail(exc)
+            return train_view()
+
+        def on_cancel():
+            gr.Info(studio.cancel_training())
+            return train_view()
+
+        def on_activate(name):
+            if not name:
+                fail("Pick a finished run first.")
+            try:
+                msg = studio.set_active_model(name)
+            except StudioError as exc:
+                fail(exc)
+            gr.Info(msg)
+            return status_line()
+
+        train_btn.click(on_train, [backbone, epochs, minutes, k_parts, input_size, lr, batch], train_outputs)
+        cancel_btn.click(on_cancel, None, train_outputs)
+        timer.tick(train_view, None, train_outputs, show_progress="hidden")
+        activate_btn.click(on_activate, [run_pick], [header])
+
+        # ========================================================================== Recognise
+        with gr.Tab("Recognise"):
+            hint = gr.Markdown("" if studio.active_checkpoint() else
+                               "**No trained model yet.** Collect photos of at least two products, train a model (Train tab), then make it active.")
+            with gr.Row():
+                with gr.Column():
+                    live = gr.Image(label="Live camera", sources=["webcam"], streaming=True, type="numpy",
+                                    webcam_options=gr.WebcamOptions(mirror=False))
+                    photo = gr.Image(label="Or a photo", sources=["upload", "clipboard"], type="numpy")
+                with gr.Column():
+                    annotated = gr.Image(label="What the model looked at (numbered by rank)", interactive=False)
+                    answer = gr.Markdown("")
+                    top5 = gr.Label(label="Top 5", num_top_classes=5)
+
+        def on_recognise(frame):
+            r = studio.recognise(frame)
+            if r is None:
+                return gr.skip(), gr.skip(), gr.skip()
+            title = f"## {r.label}" + (f"  \n{r.confidence:.0%} confident · model: {r.model}" if r.sure else f"  \nmodel: {r.model}")
+            return r.annotated, title, r.top5 or None
+
+        live.stream(on_recognise, [live], [annotated, answer, top5], stream_every=0.1, concurrency_limit=1,
+                    trigger_mode="always_last", show_progress="hidden")
+        photo.change(on_recognise, [photo], [annotated, answer, top5])
+
+        # =========================================================================== Evaluate
+        with gr.Tab("Evaluate"):
+            with gr.Row():
+                split = gr.Radio(["test", "val", "train"], value="test", label="Split")
+                eval_btn = gr.Button("Evaluate the active model", variant="primary")
+            eval_summary = gr.Markdown("")
+            conditions = gr.Dataframe(headers=["condition", "accuracy", "photos"], interactive=False, label="Store conditions")
+            with gr.Row():
+                confusion = gr.Image(label="Confusion matrix", interactive=False)
+                pairs = gr.Dataframe(headers=["true", "predicted", "count"], interactive=False, label="Most confused pairs")
+
+        def on_evaluate(split_name, progress=gr.Progress(track_tqdm=True)):
+            try:
+                rep = studio.evaluate(split_name, progress=True)
+            except StudioError as exc:
+                fail(exc)
+            rows = [[c, round(r["accuracy"], 4), r["n"]] for c, r in rep["conditions"].items()]
+            rows += [[f"tag: {t}", round(r["accuracy"], 4), r["n"]] for t, r in rep.get("tags", {}).items()]
+            summary = f"**{rep['n']} photos** ({split_name}): top-1 **{rep['accuracy']:.1%}**, top-5 {rep['top5']:.1%}"
+            return summary, rows, rep["confusion_png"], [[m["true"], m["predicted"], m["count"]] for m in rep["most_confused"]]
+
+        eval_btn.click(on_evaluate, [split], [eval_summary, conditions, confusion, pairs])
+        demo.load(lambda: (status_line(), product_choices()), None, [header, product])
+    return demo
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=TITLE)
+    ap.add_argument("--db", default=os.environ.get("NTS_CATALOGUE", "data"), help="catalogue directory (created if missing)")
+    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    ap.add_argument("--checkpoint", default=None, help="model to activate: a .safetensors file, a run name, or hf://user/repo")
+    ap.add_argument("--auth", default=None, help="user:pass to require a login")
+    ap.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    ap.add_argument("--no-capture", action="store_true", help="hide Collect and Label (a recognise-only demo)")
+    ap.add_argument("--no-training", action="store_true", help="hide Train")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    studio = Studio(args.db, checkpoint=args.checkpoint)
+    demo = build_app(studio, allow_capture=not args.no_capture, allow_training=not args.no_training)
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    if args.auth and len(auth) != 2:
+        raise SystemExit("--auth must look like user:password")
+    demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, auth=auth, share=args.share,
+                                                  allowed_paths=[str(studio.db.resolve())])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""Everything the app can do, as plain Python: tests call these without a browser, app.py wires them to Gradio.
+
+State lives on disk, not in the web server: photos in the catalogue, training in the job runner's run
+directories, the active model in CATALOGUE/active_model.json. Restarting the app loses nothing.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dataset_tools import Catalogue, CatalogueError, DuplicateImage, InvalidImage, assign_splits
+from ntsnet.checkpoint import atomic_write
+from ntsnet.draw import draw_prediction
+from training import jobs
+
+CONDITION_TAGS = ["front", "side", "back", "top", "dark", "bright", "blurry", "far", "close"]
+MIN_PHOTOS_PER_PRODUCT = 5
+UNSURE_BELOW = 0.5  # below this confidence the app says it is unsure instead of naming a product
+
+
+class StudioError(ValueError):
+    """A user action that cannot be done; the message is shown as is."""
+
+
+@dataclass
+class Recognition:
+    annotated: np.ndarray
+    label: str                       # product name, or a sentence when unsure / no model
+    confidence: float
+    top5: dict[str, float]
+    sure: bool
+    model: str                       # which model answered
+
+
+class Studio:
+    def __init__(self, db, checkpoint: str | None = None):
+        self.db = Path(db)
+        self.catalogue = Catalogue(self.db)
+        self._predictor = None
+        self._predictor_path = None
+        self._lock = threading.Lock()
+        self._busy = threading.Lock()
+        if checkpoint:
+            self.set_active_model(checkpoint)
+
+    # --------------------------------------------------------------------------------- products
+    def product_names(self) -> list[str]:
+        return [p["name"] for p in self.catalogue.products()]
+
+    def create_product(self, name: str, sku: str = "") -> str:
+        try:
+            self.catalogue.add_product(name, sku=sku or None)
+        except CatalogueError as exc:
+            raise StudioError(str(exc)) from None
+        return f"Created product “{name.strip()}”."
+
+    def product_table(self) -> list[list]:
+        return [[p["name"], p["sku"] or "", p["images"], p["train"], p["val"], p["test"]] for p in self.catalogue.products()]
+
+    # ---------------------------------------------------------------------------------- collect
+    def save_photo(self, image, product: str | None, tags=(), source: str = "webcam") -> dict:
+        """Store one photo; returns {message, warnings, count, image_id}. A duplicate is reported, not an error."""
+        if image is None:
+            raise StudioError("No photo: start the camera or choose a file first.")
+        if not product:
+            raise StudioError("Choose or create a product first.")
+        try:
+            res = self.catalogue.add_image(image, product=product, source_kind=source, tags=tags)
+        except DuplicateImage as exc:
+            return {"message": f"Not saved: {exc}", "warnings": ["duplicate"], "count": self._count(product), "image_id": exc.image_id}
+        except (InvalidImage, CatalogueError) as exc:
+            raise StudioError(f"Not saved: {exc}") from None
+        self._after_capture()
+        count = self._count(product)
+        warn = f" Warnings: {', '.join(res.warnings)}." if res.warnings else ""
+        return {"message": f"Saved photo {res.image_id} of “{product}” ({count} photos).{warn}", "warnings": res.warnings,
+                "count": count, "image_id": res.image_id}
+
+    def save_uploads(self, files, product: str | None, tags=()) -> dict:
+        """Uploaded files: with a product they are labelled, without one they wait as 'unlabelled' for review."""
+        saved, messages = 0, []
+        for f in files or []:
+            path = Path(getattr(f, "name", f))
+            try:
+                if product:
+                    r = self.save_photo(path.read_bytes(), product, tags, source="upload")
+                    saved += "duplicate" not in r["warnings"]
+                    messages.append(f"{path.name}: {r['message']}")
+                else:
+                    self.catalogue.add_image(path.read_bytes(), source_kind="upload", tags=tags, original_name=path.name)
+                    saved += 1
+                    messages.append(f"{path.name}: saved as unlabelled (see Label → suggestions)")
+            except (StudioError, InvalidImage, CatalogueError, OSError) as exc:
+                messages.append(f"{path.name}: {exc}")
+        return {"saved": saved, "message": "\n".join(messages) or "No files."}
+
+    def _count(self, product: str) -> int:
+        return next((p["images"] for p in self.catalogue.products() if p["name"].lower() == product.lower()), 0)
+
+    def _after_capture(self):
+        """Give new photos a split at once (stable), so the catalogue is always ready to train."""
+        assign_splits(self.catalogue)
+
+    def gallery(self, product: str | None = None, limit: int = 200, unlabelled: bool = False) -> list[tuple[str, str]]:
+        if not product and not unlabelled:
+            return []
+        imgs = self.catalogue.images(product=product or None, unlabelled=unlabelled)[-limit:]
+        return [(str(self.catalogue.image_path(i)), self._caption(i)) for i in reversed(imgs)]
+
+    @staticmethod
+    def _caption(img: dict) -> str:
+        bits = [f"#{img['id']}", img["split"] or "-"]
+        bits += img["warnings"] + img["tags"]
+        return " · ".join(bits)
+
+    # ------------------------------------------------------------------------------------ label
+    def move_photos(self, image_ids, product: str) -> str:
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            raise StudioError("Select photos first.")
+        try:
+            n = self.catalogue.move_images(ids, product)
+        except CatalogueError as exc:
+            raise StudioError(str(exc)) from None
+        return f"Moved {n} photo(s) to “{product}”."
+
+    def delete_photos(self, image_ids) -> str:
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            raise StudioError("Select photos first.")
+        try:
+            n = self.catalogue.delete_images(ids)
+        except CatalogueError as exc:
+            raise StudioError(str(exc)) from None
+        return f"Deleted {n} photo(s)."
+
+    def possible_mislabels(self, limit: int = 500) -> list[dict]:
+        """Photos whose predicted product differs from their label, most confident disagreement first."""
+        predictor = self.predictor()
+        if predictor is None:
+            return []
+        known = set(predictor.class_names)
+        imgs = [i for i in self.catalogue.images() if i["product"] in known][-limit:]
+        out = []
+        for start in range(0, len(imgs), 16):
+            batch = imgs[start:start + 16]
+            for img, pred in zip(batch, predictor.predict_batch([self.catalogue.image_path(i) for i in batch])):
+                if pred.label != img["product"]:
+                    out.append({"id": img["id"], "path": str(self.catalogue.image_path(img)), "label": img["product"],
+                                "predicted": pred.label, "confidence": pred.confidence})
+        return sorted(out, key=lambda r: -r["confidence"])
+
+    def suggestions(self, limit: int = 100) -> list[dict]:
+        """A suggested product for each unlabelled photo (needs a model)."""
+        predictor = self.predictor()
+        imgs = self.catalogue.images(unlabelled=True)[:limit]
+        if predictor is None or not imgs:
+            return [{"id": i["id"], "path": str(self.catalogue.image_path(i)), "suggested": None, "confidence": 0.0} for i in imgs]
+        preds = predictor.predict_batch([self.catalogue.image_path(i) for i in imgs])
+        return [{"id": i["id"], "path": str(self.catalogue.image_path(i)), "suggested": p.label, "confidence": p.confidence}
+                for i, p in zip(imgs, preds)]
+
+    def confirm_suggestion(self, image_id: int, product: str) -> str:
+        if product not in self.product_names():
+            self.catalogue.add_product(product, exist_ok=True)
+        self.catalogue.move_images([image_id], product)
+        self._after_capture()
+        return f"Photo {image_id} labelled “{product}”."
+
+    # ------------------------------------------------------------------------------------ train
+    def training_readiness(self) -> tuple[bool, str]:
+        products = self.catalogue.products()
+        ready = [p for p in products if p["images"] >= MIN_PHOTOS_PER_PRODUCT]
+        if len(ready) < 2:
+            short = ", ".join(f"{p['name']} ({p['images']})" for p in products if p["images"] < MIN_PHOTOS_PER_PRODUCT)
+            return False, (f"Training needs at least 2 products with {MIN_PHOTOS_PER_PRODUCT}+ photos each; "
+                           f"you have {len(ready)}." + (f" Too few photos: {short}." if short else ""))
+        return True, f"Ready: {len(ready)} products, {sum(p['images'] for p in ready)} photos."
+
+    def start_training(self, backbone: str = "efficientnet_lite0", epochs: int = 10, max_minutes: float | None = None,
+                       cat_num: int = 4, input_size: int = 448, part_size: int | None = None, lr: float = 0.001, batch_size: int = 8) -> dict:
+        ok, why = self.training_readiness()
+        if not ok:
+            raise StudioError(why)
+        from ntsnet.backbones import backbone_spec
+
+        try:
+            spec = backbone_spec(backbone)
+        except ValueError as exc:
+            raise StudioError(str(exc)) from None
+        assign_splits(self.catalogue)
+        try:
+            return jobs.start(self.db, epochs=int(epochs), backbone=backbone, pretrained=spec.has_pretrained,
+                              max_minutes=float(max_minutes) if max_minutes else None, cat_num=int(cat_num),
+                              proposal_num=max(6, int(cat_num)), input_size=int(input_size),
+                              part_size=int(part_size or max(32, int(input_size) // 2)), lr=float(lr), batch_size=int(batch_size))
+        except jobs.JobError as exc:
+            raise StudioError(str(exc)) from None
+
+    def current_run(self) -> dict | None:
+        """The running job, else the most recent run."""
+        active = jobs.active_job(self.db)
+        if active:
+            return active
+        runs = jobs.list_runs(self.db)
+        return runs[0] if runs else None
+
+    def cancel_training(self) -> str:
+        run = jobs.active_job(self.db)
+        if not run:
+            return "No training is running."
+        st = jobs.cancel(run["run_dir"])
+        return f"{st['name']}: {st['state']}."
+
+    def runs(self) -> list[dict]:
+        return jobs.list_runs(self.db)
+
+    @staticmethod
+    def describe_run(run: dict | None) -> str:
+        if not run:
+            return "No training run yet."
+        p = run["progress"]
+        lines = [f"**{run['name']}** — {run['state']}"]
+        if p.get("epoch"):
+            lines.append(f"epoch {p['epoch']}/{p.get('epochs')}, step {p.get('step', '-')}/{p.get('steps', '-')}")
+        if p.get("loss"):
+            lines.append("loss " + ", ".join(f"{k} {v:.3f}" for k, v in p["loss"].items()))
+        if p.get("train_acc") is not None:
+            lines.append(f"train accuracy {p['train_acc']:.1%}")
+        if run.get("best_val_acc") is not None:
+            lines.append(f"best validation accuracy {run['best_val_acc']:.1%}")
+        if p.get("eta_seconds") and run["state"] == "running":
+            lines.append(f"about {p['eta_seconds'] / 60:.1f} min left")
+        if p.get("device"):
+            lines.append(f"{p['device']}, {p.get('precision')}, {p.get('images_per_s', 0):.1f} images/s")
+        if run["state"] in ("failed", "interrupted") and run.get("log_tail"):
+            lines.append("last log line: " + run["log_tail"].strip().splitlines()[-1][-300:])
+        return "  \n".join(lines)
+
+    # ----------------------------------------------------------------------------- active model
+    @property
+    def _active_file(self) -> Path:
+        return self.db / "active_model.json"
+
+    def active_checkpoint(self) -> str | None:
+        try:
+            path = json.loads(self._active_file.read_text())["checkpoint"]
+        except (OSError, ValueError, KeyError):
+            return None
+        return path if path.startswith("hf://") or Path(path).exists() else None
+
+    def set_active_model(self, checkpoint: str) -> str:
+        """Make a checkpoint (a run name, a file, or hf://user/repo) the model that answers."""
+        run_dir = jobs.runs_root(self.db) / checkpoint
+        if (run_dir / "best.safetensors").exists():
+            checkpoint = str(run_dir / "best.safetensors")
+        predictor = self._load(checkpoint)
+        atomic_write(self._active_file, lambda tmp: Path(tmp).write_text(json.dumps({"checkpoint": str(checkpoint)})))
+        with self._lock:
+            self._predictor, self._predictor_path = predictor, str(checkpoint)
+        return f"Active model: {Path(str(checkpoint)).parent.name or checkpoint} ({len(predictor.class_names)} products)."
+
+    @staticmethod
+    def _load(checkpoint: str):
+        from ntsnet import CheckpointError, Predictor
+
+        try:
+            if str(checkpoint).startswith("hf://"):
+                return Predictor.from_pretrained(str(checkpoint)[5:])
+            return Predictor.from_checkpoint(checkpoint)
+        except (CheckpointError, OSError, ValueError) as exc:
+            raise StudioError(f"Cannot load model {checkpoint}: {exc}") from None
+
+    def predictor(self):
+        path = self.active_checkpoint()
+        if path is None:
+            return None
+        with self._lock:
+            if self._predictor is None or self._predictor_path != path:
+                self._predictor, self._predictor_path = self._load(path), path
+            return self._predictor
+
+    # -------------------------------------------------------------------------------- recognise
+    def recognise(self, frame) -> Recognition | None:
+        """One frame in, the annotated frame and the answer out. Returns None when busy (the frame is dropped)."""
+        if frame is None:
+            return None
+        if not self._busy.acquire(blocking=False):
+            return None  # a frame is being processed: drop this one rather than queue it
+        try:
+            rgb = np.asarray(frame)
+            predictor = self.predictor()
+            if predictor is None:
+                return Recognition(rgb, "No trained model yet: collect photos of at least two products, then train (Train tab).",
+                                   0.0, {}, False, "none")
+            t0 = time.perf_counter()
+            pred = predictor.predict(rgb)
+            fps = 1.0 / max(time.perf_counter() - t0, 1e-6)
+            sure = pred.confidence >= UNSURE_BELOW
+            label = pred.label if sure else f"Not sure (best guess {pred.label}, {pred.confidence:.0%})"
+            annotated = draw_prediction(rgb, pred, fps=fps, label=None if sure else f"not sure: {pred.label}?")
+            return Recognition(annotated, label, pred.confidence, dict(pred.top5), sure, Path(self._predictor_path or "").parent.name or "model")
+        finally:
+            self._busy.release()
+
+    # --------------------------------------------------------------------------------- evaluate
+    def evaluate(self, split: str = "test", progress: bool = False) -> dict:
+        from training.evaluate import evaluate
+
+        path = self.active_checkpoint()
+        if path is None:
+            raise StudioError("No active model: train one first (Train tab) and make it active.")
+        out = Path(path).parent / f"evaluation-{split}" if not path.startswith("hf://") else self.db / "evaluation"
+        try:
+            return {**evaluate(path, self.db, split=split, out_dir=out, progress=progress, predictor=self.predictor()),
+                    "confusion_png": str(out / "confusion.png")}
+        except ValueError as exc:
+            raise StudioError(str(exc)) from None
