@@ -9,10 +9,10 @@ import os
 import time
 
 import gradio as gr
-import pandas as pd
 
 from ntsnet.backbones import list_backbones
 from webapp.actions import CONDITION_TAGS, Studio, StudioError
+from webapp.plots import training_curves
 
 TITLE = "Product recogniser (NTS-Net)"
 
@@ -52,6 +52,7 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
                 with gr.Column(scale=2):
                     cam = gr.Image(label="Camera", sources=["webcam"], streaming=True, type="numpy",
                                    webcam_options=gr.WebcamOptions(mirror=False))
+                    cam_state = gr.Markdown("")
                     with gr.Row():
                         snap_btn = gr.Button("Take photo", variant="primary")
                         burst_every = gr.Number(label="Burst: every (ms)", value=500, minimum=100)
@@ -71,7 +72,7 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
 
         def on_frame(frame, request: gr.Request):
             latest_frames[request.session_hash if request else "-"] = frame
-            return gr.skip()
+            return "camera live"  # a stream needs an output to keep its round trip going
 
         def on_snap(product_name, tag_list, request: gr.Request):
             frame = latest_frames.get(request.session_hash if request else "-")
@@ -107,14 +108,14 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
             return studio.gallery(product_name), (f"**{studio._count(product_name)}** photos of “{product_name}”" if product_name else "")
 
         create_btn.click(on_create, [new_name, new_sku], [product, collect_msg, new_name, new_sku, header])
-        cam.stream(on_frame, [cam], None, stream_every=0.1, concurrency_limit=None, trigger_mode="always_last", show_progress="hidden")
+        cam.stream(on_frame, [cam], [cam_state], stream_every=0.1, concurrency_limit=None, show_progress="hidden")
         snap_btn.click(on_snap, [product, tags], [collect_msg, collect_gallery, count, header])
         burst_btn.click(on_burst, [product, tags, burst_every, burst_secs], [collect_msg, collect_gallery, count, header])
         upload_btn.click(on_upload, [uploads, product, tags], [collect_msg, collect_gallery, uploads, header])
         product.change(on_product, [product], [collect_gallery, count])
 
         # ============================================================================== Label
-        with gr.Tab("Label", visible=allow_capture):
+        with gr.Tab("Label", visible=allow_capture) as label_tab:
             with gr.Row():
                 browse = gr.Dropdown(label="Browse product", choices=studio.product_names(), interactive=True)
                 show_unlabelled = gr.Checkbox(label="Show unlabelled uploads instead")
@@ -187,7 +188,7 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
                 fail(exc)
             return (msg, *label_view(browse_name, unlabelled))
 
-        for trigger in (browse.change, show_unlabelled.change, refresh_label.click):
+        for trigger in (browse.change, show_unlabelled.change, refresh_label.click, label_tab.select):
             trigger(label_view, [browse, show_unlabelled], label_outputs)
         move_btn.click(on_move, [selected, move_to, browse, show_unlabelled], [label_msg, *label_outputs])
         delete_btn.click(on_delete, [selected, confirm_delete, browse, show_unlabelled], [label_msg, *label_outputs])
@@ -212,36 +213,30 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
                 train_btn = gr.Button("Train", variant="primary")
                 cancel_btn = gr.Button("Cancel", variant="stop")
             run_status = gr.Markdown("")
-            with gr.Row():
-                loss_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Loss terms per epoch", height=260)
-                acc_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Accuracy per epoch", y_lim=[0, 1], height=260)
+            curves_plot = gr.Plot(label="Training curves")
             runs_table = gr.Dataframe(headers=["run", "state", "best val acc", "epochs", "backbone", "K"], interactive=False, label="Runs")
             with gr.Row():
                 run_pick = gr.Dropdown(label="Run", choices=[], interactive=True)
                 activate_btn = gr.Button("Make active model")
             timer = gr.Timer(2.0)
 
-        def curves(run):
-            rows_loss, rows_acc = [], []
-            for m in (run or {}).get("metrics", []):
-                for key in ("total", "L_I", "L_S", "L_C"):
-                    rows_loss.append({"epoch": m["epoch"], "value": m[key], "series": key})
-                for key in ("train_acc", "val_acc"):
-                    if m.get(key) is not None:
-                        rows_acc.append({"epoch": m["epoch"], "value": m[key], "series": key})
-            empty = pd.DataFrame({"epoch": [], "value": [], "series": []})
-            return pd.DataFrame(rows_loss) if rows_loss else empty, pd.DataFrame(rows_acc) if rows_acc else empty
+        shown_curves = {}
 
         def train_view():
             run = studio.current_run()
             runs = studio.runs()
             table = [[r["name"], r["state"], None if r["best_val_acc"] is None else round(r["best_val_acc"], 4),
                       len(r["metrics"]), r["config"].get("backbone", ""), r["config"].get("cat_num", "")] for r in runs]
-            loss_df, acc_df = curves(run)
             names = [r["name"] for r in runs if r["checkpoint"]]
-            return (studio.describe_run(run), loss_df, acc_df, table, gr.update(choices=names), studio.training_readiness()[1])
+            key = (run or {}).get("name"), len((run or {}).get("metrics", []))
+            if shown_curves.get("key") == key:  # redraw only when an epoch finished
+                figure = gr.skip()
+            else:
+                shown_curves["key"] = key
+                figure = training_curves((run or {}).get("metrics", []))
+            return (studio.describe_run(run), figure, table, gr.update(choices=names), studio.training_readiness()[1])
 
-        train_outputs = [run_status, loss_plot, acc_plot, runs_table, run_pick, readiness]
+        train_outputs = [run_status, curves_plot, runs_table, run_pick, readiness]
 
         def on_train(bb, ep, mins, k, size, rate, bs):
             try:
@@ -270,9 +265,12 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
         activate_btn.click(on_activate, [run_pick], [header])
 
         # ========================================================================== Recognise
-        with gr.Tab("Recognise"):
-            hint = gr.Markdown("" if studio.active_checkpoint() else
-                               "**No trained model yet.** Collect photos of at least two products, train a model (Train tab), then make it active.")
+        def recognise_hint():
+            return ("" if studio.active_checkpoint() else
+                    "**No trained model yet.** Collect photos of at least two products, train a model (Train tab), then make it active.")
+
+        with gr.Tab("Recognise") as recognise_tab:
+            hint = gr.Markdown(recognise_hint())
             with gr.Row():
                 with gr.Column():
                     live = gr.Image(label="Live camera", sources=["webcam"], streaming=True, type="numpy",
@@ -290,9 +288,9 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
             title = f"## {r.label}" + (f"  \n{r.confidence:.0%} confident · model: {r.model}" if r.sure else f"  \nmodel: {r.model}")
             return r.annotated, title, r.top5 or None
 
-        live.stream(on_recognise, [live], [annotated, answer, top5], stream_every=0.1, concurrency_limit=1,
-                    trigger_mode="always_last", show_progress="hidden")
+        live.stream(on_recognise, [live], [annotated, answer, top5], stream_every=0.1, concurrency_limit=None, show_progress="hidden")
         photo.change(on_recognise, [photo], [annotated, answer, top5])
+        recognise_tab.select(recognise_hint, None, hint)
 
         # =========================================================================== Evaluate
         with gr.Tab("Evaluate"):

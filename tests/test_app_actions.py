@@ -1,0 +1,170 @@
+"""Every UI action, called as the plain function it is (no browser)."""
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from synthetic import draw_product
+from ntsnet import save_checkpoint
+from webapp import Studio, StudioError
+from webapp import actions as actions_mod
+
+
+@pytest.fixture
+def studio(tmp_path):
+    return Studio(tmp_path / "cat")
+
+
+def shot(seed, name="red-box", size=240):
+    return draw_product(np.random.default_rng(seed), name, size=size)
+
+
+def test_empty_catalogue_explains_what_to_do(studio):
+    ok, why = studio.training_readiness()
+    assert not ok and "at least 2 products" in why
+    with pytest.raises(StudioError, match="at least 2 products"):
+        studio.start_training()
+    r = studio.recognise(shot(0))
+    assert r.model == "none" and "No trained model" in r.label and not r.sure
+    with pytest.raises(StudioError, match="No active model"):
+        studio.evaluate()
+    assert studio.describe_run(studio.current_run()) == "No training run yet."
+
+
+def test_collect_photos_with_warnings_counts_and_duplicates(studio):
+    assert "Created" in studio.create_product("red-box", "4001")
+    with pytest.raises(StudioError, match="already exists"):
+        studio.create_product("Red-Box")
+    with pytest.raises(StudioError, match="product"):
+        studio.save_photo(shot(1), None)
+    with pytest.raises(StudioError, match="No photo"):
+        studio.save_photo(None, "red-box")
+    frame = shot(1)
+    r = studio.save_photo(frame, "red-box", tags=["front"])
+    assert r["count"] == 1 and "Saved photo" in r["message"]
+    dup = studio.save_photo(frame, "red-box")
+    assert dup["warnings"] == ["duplicate"] and dup["count"] == 1
+    dark = studio.save_photo(np.full((300, 300, 3), 5, np.uint8), "red-box")
+    assert "too dark" in dark["warnings"] and "too dark" in dark["message"]
+    gallery = studio.gallery("red-box")
+    assert len(gallery) == 2 and Path(gallery[0][0]).exists() and "#" in gallery[0][1]
+    img = studio.catalogue.images(product="red-box")[0]
+    assert img["tags"] == ["front"] and img["source"] == "webcam" and img["split"] == "train"
+
+
+def test_uploads_labelled_and_unlabelled(studio, tmp_path):
+    studio.create_product("blue-can")
+    files = []
+    for i in range(3):
+        p = tmp_path / f"u{i}.png"
+        Image.fromarray(shot(10 + i, "blue-can")).save(p)
+        files.append(str(p))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a photo")
+    r = studio.save_uploads(files[:2] + [str(bad)], "blue-can")
+    assert r["saved"] == 2 and "bad.png" in r["message"] and "not an image" in r["message"]
+    r = studio.save_uploads(files[2:], None)
+    assert r["saved"] == 1 and len(studio.gallery(unlabelled=True)) == 1
+
+
+def test_label_move_delete_and_counts(studio):
+    for name in ("red-box", "blue-can"):
+        studio.create_product(name)
+    ids = [studio.save_photo(shot(20 + i), "red-box")["image_id"] for i in range(3)]
+    assert "Moved 1" in studio.move_photos([ids[0]], "blue-can")
+    table = {row[0]: row for row in studio.product_table()}
+    assert table["red-box"][2] == 2 and table["blue-can"][2] == 1
+    with pytest.raises(StudioError, match="Select"):
+        studio.delete_photos([])
+    assert "Deleted 1" in studio.delete_photos([ids[1]])
+    assert {row[0]: row[2] for row in studio.product_table()} == {"blue-can": 1, "red-box": 1}
+    with pytest.raises(StudioError, match="no product"):
+        studio.move_photos([ids[2]], "nope")
+
+
+def fill(studio, n=8):
+    for name in ("red-box", "blue-can", "green-pack"):
+        studio.create_product(name)
+        for i in range(n):
+            studio.save_photo(shot(hash((name, i)) % 100000, name), name)
+
+
+def test_train_through_the_job_runner_then_recognise_and_evaluate(studio):
+    fill(studio)
+    ok, _ = studio.training_readiness()
+    assert ok
+    run = studio.start_training("tiny", epochs=12, cat_num=2, input_size=96, lr=0.05, batch_size=8)
+    with pytest.raises(StudioError, match="already running"):
+        studio.start_training("tiny", epochs=1, input_size=96)
+    deadline = time.time() + 240
+    while time.time() < deadline and studio.current_run()["alive"]:
+        time.sleep(0.5)
+    cur = studio.current_run()
+    assert cur["state"] == "finished", cur["log_tail"]
+    assert "finished" in studio.describe_run(cur) and len(cur["metrics"]) == 12
+    assert "Active model" in studio.set_active_model(run["name"])
+    # survives a restart: a new Studio on the same catalogue finds the active model and the run
+    again = Studio(studio.db)
+    assert again.active_checkpoint() and again.runs()[0]["name"] == run["name"]
+    r = again.recognise(shot(999, "blue-can"))
+    assert r.label == "blue-can" and r.sure and len(r.top5) == 3
+    assert r.annotated.shape == (240, 240, 3) and (r.annotated != shot(999, "blue-can")).any()
+    rep = again.evaluate("train")
+    assert rep["accuracy"] > 0.8 and Path(rep["confusion_png"]).exists() and "dark" in rep["conditions"]
+    # review helpers: relabel one photo wrongly, it is listed first as a possible mislabel
+    wrong = again.catalogue.images(product="red-box")[0]["id"]
+    again.move_photos([wrong], "green-pack")
+    mis = again.possible_mislabels()
+    assert mis and mis[0]["id"] == wrong and mis[0]["predicted"] == "red-box"
+    # unlabelled upload gets a suggestion, one click confirms it
+    again.catalogue.add_image(shot(4242, "green-pack"), source_kind="upload")
+    sug = again.suggestions()
+    assert sug[0]["suggested"] == "green-pack"
+    again.confirm_suggestion(sug[0]["id"], sug[0]["suggested"])
+    assert again.catalogue.images(unlabelled=True) == []
+
+
+def test_unsure_frames_say_so(studio, tiny_checkpoint, monkeypatch):
+    studio.set_active_model(str(tiny_checkpoint))
+    monkeypatch.setattr(actions_mod, "UNSURE_BELOW", 1.01)  # nothing is ever sure enough
+    r = studio.recognise(shot(1))
+    assert not r.sure and r.label.startswith("Not sure")
+
+
+def test_frames_arriving_while_busy_are_dropped(studio, tiny_checkpoint):
+    studio.set_active_model(str(tiny_checkpoint))
+    with studio._busy:
+        assert studio.recognise(shot(2)) is None
+    assert studio.recognise(shot(2)) is not None
+
+
+def test_cancel_from_the_app(studio):
+    fill(studio, n=6)
+    studio.start_training("tiny", epochs=500, input_size=96, lr=0.05)
+    deadline = time.time() + 120
+    while time.time() < deadline and studio.current_run()["progress"].get("state") != "running":
+        time.sleep(0.2)
+    assert "cancelled" in studio.cancel_training()
+    assert studio.current_run()["state"] == "cancelled"
+    assert studio.cancel_training() == "No training is running."
+
+
+def test_bad_model_file_is_a_clear_error(studio, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"junk")
+    with pytest.raises(StudioError, match="Cannot load model"):
+        studio.set_active_model(str(bad))
+    assert studio.active_checkpoint() is None
+
+
+def test_app_builds_and_parses_its_flags(studio):
+    import app
+
+    demo = app.build_app(studio)
+    labels = [b.label for b in demo.blocks.values() if b.__class__.__name__ == "Tab"]
+    assert labels == ["Collect", "Label", "Train", "Recognise", "Evaluate"]
+    args = app.parse_args(["--db", "x", "--port", "9999", "--auth", "a:b", "--no-capture"])
+    assert args.port == 9999 and args.auth == "a:b" and args.no_capture
