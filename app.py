@@ -328,7 +328,19 @@ def parse_args(argv=None):
     ap.add_argument("--share", action="store_true", help="create a public gradio.live link")
     ap.add_argument("--no-capture", action="store_true", help="hide Collect and Label (a recognise-only demo)")
     ap.add_argument("--no-training", action="store_true", help="hide Train")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    return apply_demo_mode(args, os.environ)
+
+
+def apply_demo_mode(args, env):
+    """On a Space with DEMO_MODEL=user/name: serve that Hub model, recognise-only unless ALLOW_CAPTURE=1,
+    so a public demo cannot be filled with strangers' photos or made to train."""
+    demo_model = env.get("DEMO_MODEL")
+    if demo_model and not args.checkpoint:
+        args.checkpoint = demo_model if demo_model.startswith("hf://") else f"hf://{demo_model}"
+        if env.get("ALLOW_CAPTURE", "0") != "1":
+            args.no_capture = args.no_training = True
+    return args
 
 
 def main(argv=None):

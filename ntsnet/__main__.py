@@ -12,6 +12,8 @@ from .images import ImageLoadError, to_rgb_array
 def _load_predictor(args):
     from .predictor import Predictor
 
+    if args.checkpoint.startswith("hf://"):
+        return Predictor.from_pretrained(args.checkpoint, device=args.device, precision=args.precision)
     return Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
 
 
@@ -63,12 +65,28 @@ def cmd_live(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from .hub import push_model
+
+    url = push_model(args.checkpoint, args.repo, private=args.private)
+    print(f"pushed {args.checkpoint} to {url}")
+    return 0
+
+
+def cmd_space(args) -> int:
+    from .hub import push_space
+
+    url = push_space(args.repo, demo_model=args.demo_model, private=args.private)
+    print(f"Space ready at {url}" + (f" (recognise-only demo of {args.demo_model})" if args.demo_model else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ntsnet", description="NTS-Net product recognition")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--checkpoint", required=True, help="trained .safetensors checkpoint")
+        p.add_argument("--checkpoint", required=True, help="trained .safetensors checkpoint, or hf://user/name[@revision]")
         p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
         p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
 
@@ -91,14 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-window", action="store_true", help="do not open a window even if a display exists")
     p.add_argument("--max-frames", type=int, default=None)
     p.set_defaults(func=cmd_live)
+
+    p = sub.add_parser("push", help="upload a checkpoint with a generated model card to the Hugging Face Hub")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--repo", required=True, help="user/name")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("space", help="push this app as a Gradio Space")
+    p.add_argument("--repo", required=True, help="user/space-name")
+    p.add_argument("--demo-model", help="user/name of a pushed model: the Space starts as a recognise-only demo of it")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=cmd_space)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .hub import HubError
+
     try:
         return args.func(args)
-    except CheckpointError as exc:
+    except (CheckpointError, HubError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

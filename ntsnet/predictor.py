@@ -85,6 +85,14 @@ class Predictor:
         predictor.extra = ckpt.extra
         return predictor
 
+    @classmethod
+    def from_pretrained(cls, repo_id: str, revision: str | None = None, cache_dir=None, token=None, device="auto", precision="auto") -> "Predictor":
+        """Load a model pushed with ``python -m ntsnet push`` ('user/name', optionally 'user/name@revision')."""
+        from .hub import download, parse_hub_ref
+
+        repo, rev = parse_hub_ref(repo_id)
+        return cls.from_checkpoint(download(repo, revision or rev, cache_dir=cache_dir, token=token), device=device, precision=precision)
+
     def _autocast(self):
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
