@@ -31,7 +31,7 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
     def status_line():
         active = studio.active_checkpoint()
         ok, why = studio.training_readiness()
-        model = f"Active model: `{active}`" if active else "No active model yet."
+        model = f"Active model: `{active}`" if active else "No trained model active: Recognise uses the instant model."
         return f"{model} · {len(studio.product_names())} products · {why}"
 
     with gr.Blocks(title=TITLE) as demo:
@@ -209,6 +209,7 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
                     input_size = gr.Dropdown([96, 224, 320, 448], value=448, label="Input size (px)")
                     lr = gr.Number(value=0.001, label="Learning rate")
                     batch = gr.Slider(2, 64, value=8, step=1, label="Batch size")
+                    holdout = gr.Textbox(label="Hold out products (comma-separated, for the unknown-product test)")
             with gr.Row():
                 train_btn = gr.Button("Train", variant="primary")
                 cancel_btn = gr.Button("Cancel", variant="stop")
@@ -238,9 +239,10 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
 
         train_outputs = [run_status, curves_plot, runs_table, run_pick, readiness]
 
-        def on_train(bb, ep, mins, k, size, rate, bs):
+        def on_train(bb, ep, mins, k, size, rate, bs, held_out):
             try:
-                studio.start_training(bb, int(ep), mins or None, int(k), int(size), lr=float(rate), batch_size=int(bs))
+                studio.start_training(bb, int(ep), mins or None, int(k), int(size), lr=float(rate), batch_size=int(bs),
+                                      exclude_products=[h.strip() for h in (held_out or "").split(",") if h.strip()])
             except StudioError as exc:
                 fail(exc)
             return train_view()
@@ -259,7 +261,7 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
             gr.Info(msg)
             return status_line()
 
-        train_btn.click(on_train, [backbone, epochs, minutes, k_parts, input_size, lr, batch], train_outputs)
+        train_btn.click(on_train, [backbone, epochs, minutes, k_parts, input_size, lr, batch, holdout], train_outputs)
         cancel_btn.click(on_cancel, None, train_outputs)
         timer.tick(train_view, None, train_outputs, show_progress="hidden")
         activate_btn.click(on_activate, [run_pick], [header])
@@ -296,24 +298,33 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
         with gr.Tab("Evaluate"):
             with gr.Row():
                 split = gr.Radio(["test", "val", "train"], value="test", label="Split")
+                unknown_box = gr.Textbox(label="Unknown products (held out of training), comma-separated")
                 eval_btn = gr.Button("Evaluate the active model", variant="primary")
             eval_summary = gr.Markdown("")
             conditions = gr.Dataframe(headers=["condition", "accuracy", "photos"], interactive=False, label="Store conditions")
             with gr.Row():
                 confusion = gr.Image(label="Confusion matrix", interactive=False)
                 pairs = gr.Dataframe(headers=["true", "predicted", "count"], interactive=False, label="Most confused pairs")
+            open_set = gr.Dataframe(headers=["coverage", "threshold", "known accepted", "accuracy on accepted", "unknowns rejected"],
+                                    interactive=False, label="Unknown products: accuracy / coverage trade-off")
 
-        def on_evaluate(split_name, progress=gr.Progress(track_tqdm=True)):
+        def on_evaluate(split_name, unknown_names, progress=gr.Progress(track_tqdm=True)):
             try:
-                rep = studio.evaluate(split_name, progress=True)
+                rep = studio.evaluate(split_name, progress=True, unknown_products=[u.strip() for u in (unknown_names or "").split(",")])
             except StudioError as exc:
                 fail(exc)
             rows = [[c, round(r["accuracy"], 4), r["n"]] for c, r in rep["conditions"].items()]
             rows += [[f"tag: {t}", round(r["accuracy"], 4), r["n"]] for t, r in rep.get("tags", {}).items()]
             summary = f"**{rep['n']} photos** ({split_name}): top-1 **{rep['accuracy']:.1%}**, top-5 {rep['top5']:.1%}"
-            return summary, rows, rep["confusion_png"], [[m["true"], m["predicted"], m["count"]] for m in rep["most_confused"]]
+            o = rep.get("open_set")
+            table = []
+            if o:
+                summary += f"  \nUnknown products ({o['n_unknown']} photos): AUROC **{o['auroc']:.3f}**"
+                table = [[r["coverage"], r["threshold"], round(r["known_accepted"], 3), round(r["accuracy_on_accepted"], 3),
+                          round(r["unknown_rejected"], 3)] for r in o["coverage"]]
+            return summary, rows, rep["confusion_png"], [[m["true"], m["predicted"], m["count"]] for m in rep["most_confused"]], table
 
-        eval_btn.click(on_evaluate, [split], [eval_summary, conditions, confusion, pairs])
+        eval_btn.click(on_evaluate, [split, unknown_box], [eval_summary, conditions, confusion, pairs, open_set])
         demo.load(lambda: (status_line(), product_choices()), None, [header, product])
     return demo
 

@@ -33,11 +33,15 @@ class Prediction:
     boxes: list[Box] = field(default_factory=list)
     index: int = -1
     image_size: tuple[int, int] = (0, 0)  # (width, height) of the original image
+    unknown: bool = False        # the evidence was too weak: label is "unknown", best_guess holds the top class
+    best_guess: str = ""
+    score: float = 0.0           # the score the unknown threshold applies to (max softmax, or cosine similarity)
 
     def to_dict(self) -> dict:
         return {
             "label": self.label,
             "confidence": round(self.confidence, 6),
+            "unknown": self.unknown,
             "top5": [{"label": n, "confidence": round(p, 6)} for n, p in self.top5],
             "boxes": [{k: round(v, 2) for k, v in asdict(b).items()} for b in self.boxes],
         }
@@ -77,12 +81,14 @@ class Predictor:
         self.config = model.config
         self.class_names = list(class_names)
         self.extra: dict = {}
+        self.unknown_threshold: float | None = None  # max-softmax below this -> "unknown" (calibrated on val)
 
     @classmethod
     def from_checkpoint(cls, path, device="auto", precision="auto") -> "Predictor":
         ckpt = load_checkpoint(path)
         predictor = cls(build_model(ckpt), ckpt.class_names, device=device, precision=precision)
         predictor.extra = ckpt.extra
+        predictor.unknown_threshold = (ckpt.extra.get("unknown_threshold") or {}).get("value")
         return predictor
 
     @classmethod
@@ -125,7 +131,9 @@ class Predictor:
                     float(np.clip(x1 * sx, 0, w)), float(np.clip(y1 * sy, 0, h)), float(s),
                 ))
             top5 = [(self.class_names[i], float(p)) for p, i in zip(top_p[n].tolist(), top_i[n].tolist())]
-            results.append(Prediction(top5[0][0], top5[0][1], top5, pred_boxes, int(top_i[n, 0]), (w, h)))
+            unknown = self.unknown_threshold is not None and top5[0][1] < self.unknown_threshold
+            results.append(Prediction("unknown" if unknown else top5[0][0], top5[0][1], top5, pred_boxes, int(top_i[n, 0]), (w, h),
+                                      unknown=unknown, best_guess=top5[0][0], score=top5[0][1]))
         return results
 
     def predict(self, image, top_k: int = 5) -> Prediction:

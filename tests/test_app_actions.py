@@ -28,7 +28,7 @@ def test_empty_catalogue_explains_what_to_do(studio):
     with pytest.raises(StudioError, match="at least 2 products"):
         studio.start_training()
     r = studio.recognise(shot(0))
-    assert r.model == "none" and "No trained model" in r.label and not r.sure
+    assert r.model == "none" and "No model yet" in r.label and not r.sure
     with pytest.raises(StudioError, match="No active model"):
         studio.evaluate()
     assert studio.describe_run(studio.current_run()) == "No training run yet."

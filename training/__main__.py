@@ -35,6 +35,7 @@ def _add_train_args(p, with_db_out=True):
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-train-images", type=int, default=None)
+    p.add_argument("--exclude-products", default="", help="comma-separated products to hold out (open-set evaluation)")
 
 
 def _train_config(args, **override) -> TrainConfig:
@@ -53,8 +54,9 @@ def cmd_evaluate(args):
     from .evaluate import evaluate, format_report
 
     out = args.report_dir or str(Path(args.checkpoint).parent / f"evaluation-{args.split}")
+    unknown = [p.strip() for p in args.unknown_products.split(",") if p.strip()]
     report = evaluate(args.checkpoint, args.db, split=args.split, out_dir=out, progress=not args.json,
-                      device=args.device, precision=args.precision)
+                      device=args.device, precision=args.precision, unknown_products=unknown)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "confusion"}, ensure_ascii=False))
     else:
@@ -104,6 +106,7 @@ def build_parser():
     p.add_argument("--db", default="data")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--report-dir", help="where confusion.png/.csv and evaluation.json go (default: beside the checkpoint)")
+    p.add_argument("--unknown-products", default="", help="comma-separated products the model never saw: report AUROC and coverage")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])

@@ -42,12 +42,17 @@ class Snapshot:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def take_snapshot(db, min_per_class: int = 1) -> Snapshot:
-    """Labelled photos by split. Fills in missing splits (stable: earlier assignments never move)."""
+def take_snapshot(db, min_per_class: int = 1, exclude=()) -> Snapshot:
+    """Labelled photos by split. Fills in missing splits (stable: earlier assignments never move).
+    ``exclude``: products held out entirely (they stay unknown to the model)."""
     cat = Catalogue(db, create=False)
+    excluded = {e.lower() for e in exclude}
+    missing = excluded - {p["name"].lower() for p in cat.products()}
+    if missing:
+        raise DataError(f"cannot exclude unknown products: {', '.join(sorted(missing))}")
     if cat.db.execute("SELECT COUNT(*) FROM images WHERE product_id IS NOT NULL AND split IS NULL").fetchone()[0]:
         assign_splits(cat)
-    products = cat.products()
+    products = [p for p in cat.products() if p["name"].lower() not in excluded]
     if not products or sum(p["images"] for p in products) == 0:
         raise DataError("the catalogue has no labelled photos yet: capture or import photos of at least two products first")
     trainable = [p for p in products if p["train"] >= min_per_class]

@@ -77,8 +77,32 @@ def _eval_items(db, class_names, split):
     return items, unknown
 
 
+def _unknown_items(db, class_names, unknown_products):
+    cat = Catalogue(db, create=False)
+    known = {n.lower() for n in class_names}
+    names = {p["name"].lower(): p["name"] for p in cat.products()}
+    items = []
+    for name in unknown_products:
+        if name.lower() in known:
+            raise DataError(f"{name!r} is one of the model's products; hold it out of training (--exclude-products) to test it as unknown")
+        if name.lower() not in names:
+            raise DataError(f"no product named {name!r} in the catalogue")
+        items += [{"path": str(cat.image_path(i))} for i in cat.images(product=names[name.lower()])]
+    cat.close()
+    return items
+
+
+def _scores(predictor, items, batch_size=16):
+    arrays = [np.asarray(im) for im in (load_rgb(it["path"]) for it in items) if im is not None]
+    out = []
+    for start in range(0, len(arrays), batch_size):
+        out += [p.score for p in predictor.predict_batch(arrays[start:start + batch_size])]
+    return out
+
+
 def evaluate(checkpoint, db, split: str = "test", out_dir=None, conditions=CONDITIONS, batch_size: int = 16,
-             device: str = "auto", precision: str = "auto", progress: bool = True, predictor=None) -> dict:
+             device: str = "auto", precision: str = "auto", progress: bool = True, predictor=None,
+             unknown_products=()) -> dict:
     from tqdm import tqdm
 
     from ntsnet import Predictor
@@ -86,6 +110,8 @@ def evaluate(checkpoint, db, split: str = "test", out_dir=None, conditions=CONDI
     predictor = predictor or Predictor.from_checkpoint(checkpoint, device=device, precision=precision)
     names = predictor.class_names
     items, unknown = _eval_items(db, names, split)
+    unknown_items = _unknown_items(db, names, unknown_products) if unknown_products else []
+    known_scores: list[float] = []
     if not items:
         raise DataError(f"no photos of the model's products in the {split!r} split; assign splits (python -m dataset_tools split) or pick another --split")
     results: dict[str, dict] = {}
@@ -107,6 +133,8 @@ def evaluate(checkpoint, db, split: str = "test", out_dir=None, conditions=CONDI
             if not arrays:
                 continue
             for pred, label in zip(predictor.predict_batch(arrays), labels):
+                if cond == "clean":
+                    known_scores.append(pred.score)
                 y_true.append(label)
                 y_pred.append(pred.index)
                 top5.append([names.index(n) for n, _ in pred.top5])
@@ -127,6 +155,14 @@ def evaluate(checkpoint, db, split: str = "test", out_dir=None, conditions=CONDI
             for tag in its:
                 tags.setdefault(tag, []).append(t == p)
         report["tags"] = {tag: {"n": len(v), "accuracy": float(np.mean(v))} for tag, v in sorted(tags.items())}
+    if unknown_items and clean_preds is not None:
+        from .openset import auroc, coverage_table
+
+        u_scores = _scores(predictor, unknown_items, batch_size)
+        correct = [t == p for t, p in zip(clean_preds[1], clean_preds[2])]
+        report["open_set"] = {"unknown_products": list(unknown_products), "n_unknown": len(u_scores), "n_known": len(known_scores),
+                              "score": "max_softmax", "auroc": auroc(known_scores, u_scores), "threshold": predictor.unknown_threshold,
+                              "coverage": coverage_table(known_scores, correct, u_scores, predictor.unknown_threshold)}
     if out_dir is not None:
         write_report_files(report, Path(out_dir))
     return report
@@ -182,6 +218,14 @@ def format_report(report: dict) -> str:
     if report["most_confused"]:
         lines.append("most confused (true -> predicted):")
         lines += [f"  {m['true']} -> {m['predicted']}: {m['count']}" for m in report["most_confused"][:5]]
+    if report.get("open_set"):
+        o = report["open_set"]
+        lines.append(f"unknown products ({', '.join(o['unknown_products'])}, {o['n_unknown']} photos): AUROC {o['auroc']:.3f}")
+        lines.append("  coverage  threshold  accuracy on accepted  unknowns rejected")
+        for r in o["coverage"]:
+            cov = r["coverage"] if r["coverage"] == "stored" else f"{r['coverage']:.0%}"
+            t = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
+            lines.append(f"  {cov:>8}  {t:>9}  {r['accuracy_on_accepted']:>20.1%}  {r['unknown_rejected']:>17.1%}")
     worst = sorted(report["per_class"].items(), key=lambda kv: kv[1]["accuracy"])[:5]
     lines.append("weakest products: " + ", ".join(f"{k} {v['accuracy']:.0%}" for k, v in worst))
     return "\n".join(lines)

@@ -54,6 +54,7 @@ class TrainConfig:
     workers: int = 2
     seed: int = 0
     max_train_images: int | None = None  # for quick experiments
+    exclude_products: str = ""         # comma-separated products held out (open-set evaluation)
 
 
 @dataclass
@@ -148,7 +149,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     # snapshot: frozen at the first start, reused on resume
     snap_path = run_dir / "snapshot.json"
     if main_proc and not snap_path.exists():
-        take_snapshot(cfg.db).save(snap_path)
+        take_snapshot(cfg.db, exclude=[p.strip() for p in cfg.exclude_products.split(",") if p.strip()]).save(snap_path)
         _write_json(run_dir / "config.json", asdict(cfg))
     if world > 1:
         dist.barrier()
@@ -290,6 +291,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
             log(f"stopped: {stop['reason']} after {state.train_seconds / 60:.1f} min of training")
             break
 
+    if main_proc and state.finished and (run_dir / "best.safetensors").exists() and snap.val:
+        from .openset import calibrate_checkpoint
+
+        t = calibrate_checkpoint(run_dir / "best.safetensors", snap.val)
+        log(f"unknown-product threshold (max softmax keeping 95% of validation photos): {t:.3f}")
     final = "cancelled" if stop["reason"] == "cancelled" else ("failed" if stop["reason"] == "no data" else "finished")
     if final == "finished" and state.epoch < cfg.epochs and not stop["reason"]:
         final = "cancelled"

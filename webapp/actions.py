@@ -45,6 +45,7 @@ class Studio:
         self._predictor_path = None
         self._lock = threading.Lock()
         self._busy = threading.Lock()
+        self._instant = None
         if checkpoint:
             self.set_active_model(checkpoint)
 
@@ -76,6 +77,7 @@ class Studio:
         except (InvalidImage, CatalogueError) as exc:
             raise StudioError(f"Not saved: {exc}") from None
         self._after_capture()
+        self._instant_add(res.image_id, product, self.catalogue.root / res.path)
         count = self._count(product)
         warn = f" Warnings: {', '.join(res.warnings)}." if res.warnings else ""
         return {"message": f"Saved photo {res.image_id} of “{product}” ({count} photos).{warn}", "warnings": res.warnings,
@@ -98,6 +100,26 @@ class Studio:
             except (StudioError, InvalidImage, CatalogueError, OSError) as exc:
                 messages.append(f"{path.name}: {exc}")
         return {"saved": saved, "message": "\n".join(messages) or "No files."}
+
+    # ---------------------------------------------------------------------------- instant model
+    @property
+    def instant(self):
+        """The prototype index (one forward pass per photo), used until a trained NTS-Net is active."""
+        if self._instant is None:
+            from ntsnet.instant import InstantRecogniser
+
+            self._instant = InstantRecogniser(self.catalogue)
+            self._instant.sync()
+        return self._instant
+
+    def _instant_add(self, image_id, product, stored_path):
+        # the stored (normalised) photo is what a rebuild would embed, so incremental == rebuilt
+        if self._instant is not None:
+            self._instant.add_photo(image_id, product, stored_path)
+
+    def _instant_sync(self):
+        if self._instant is not None:
+            self._instant.sync()
 
     def _count(self, product: str) -> int:
         return next((p["images"] for p in self.catalogue.products() if p["name"].lower() == product.lower()), 0)
@@ -127,6 +149,7 @@ class Studio:
             n = self.catalogue.move_images(ids, product)
         except CatalogueError as exc:
             raise StudioError(str(exc)) from None
+        self._instant_sync()
         return f"Moved {n} photo(s) to “{product}”."
 
     def delete_photos(self, image_ids) -> str:
@@ -137,6 +160,7 @@ class Studio:
             n = self.catalogue.delete_images(ids)
         except CatalogueError as exc:
             raise StudioError(str(exc)) from None
+        self._instant_sync()
         return f"Deleted {n} photo(s)."
 
     def possible_mislabels(self, limit: int = 500) -> list[dict]:
@@ -170,6 +194,7 @@ class Studio:
             self.catalogue.add_product(product, exist_ok=True)
         self.catalogue.move_images([image_id], product)
         self._after_capture()
+        self._instant_sync()
         return f"Photo {image_id} labelled “{product}”."
 
     # ------------------------------------------------------------------------------------ train
@@ -183,7 +208,8 @@ class Studio:
         return True, f"Ready: {len(ready)} products, {sum(p['images'] for p in ready)} photos."
 
     def start_training(self, backbone: str = "efficientnet_lite0", epochs: int = 10, max_minutes: float | None = None,
-                       cat_num: int = 4, input_size: int = 448, part_size: int | None = None, lr: float = 0.001, batch_size: int = 8) -> dict:
+                       cat_num: int = 4, input_size: int = 448, part_size: int | None = None, lr: float = 0.001, batch_size: int = 8,
+                       exclude_products=()) -> dict:
         ok, why = self.training_readiness()
         if not ok:
             raise StudioError(why)
@@ -198,7 +224,8 @@ class Studio:
             return jobs.start(self.db, epochs=int(epochs), backbone=backbone, pretrained=spec.has_pretrained,
                               max_minutes=float(max_minutes) if max_minutes else None, cat_num=int(cat_num),
                               proposal_num=max(6, int(cat_num)), input_size=int(input_size),
-                              part_size=int(part_size or max(32, int(input_size) // 2)), lr=float(lr), batch_size=int(batch_size))
+                              part_size=int(part_size or max(32, int(input_size) // 2)), lr=float(lr), batch_size=int(batch_size),
+                              exclude_products=",".join(exclude_products) or None)
         except jobs.JobError as exc:
             raise StudioError(str(exc)) from None
 
@@ -294,22 +321,29 @@ class Studio:
             return None  # a frame is being processed: drop this one rather than queue it
         try:
             rgb = np.asarray(frame)
-            predictor = self.predictor()
+            predictor, model = self.predictor(), Path(self._predictor_path or "").parent.name or "model"
+            if predictor is None and self.instant.ready():
+                predictor, model = self.instant, f"instant (prototypes of {len(self.instant.index.labels)} photos)"
             if predictor is None:
-                return Recognition(rgb, "No trained model yet: collect photos of at least two products, then train (Train tab).",
-                                   0.0, {}, False, "none")
+                return Recognition(rgb, "No model yet: collect photos of at least two products (the instant model is ready after "
+                                   "the first few), or train one (Train tab).", 0.0, {}, False, "none")
             t0 = time.perf_counter()
             pred = predictor.predict(rgb)
             fps = 1.0 / max(time.perf_counter() - t0, 1e-6)
-            sure = pred.confidence >= UNSURE_BELOW
-            label = pred.label if sure else f"Not sure (best guess {pred.label}, {pred.confidence:.0%})"
-            annotated = draw_prediction(rgb, pred, fps=fps, label=None if sure else f"not sure: {pred.label}?")
-            return Recognition(annotated, label, pred.confidence, dict(pred.top5), sure, Path(self._predictor_path or "").parent.name or "model")
+            sure = pred.confidence >= UNSURE_BELOW and not pred.unknown
+            if pred.unknown:
+                label, banner = f"Not in the catalogue (closest: {pred.best_guess})", "unknown product"
+            elif not sure:
+                label, banner = f"Not sure (best guess {pred.label}, {pred.confidence:.0%})", f"not sure: {pred.label}?"
+            else:
+                label, banner = pred.label, None
+            annotated = draw_prediction(rgb, pred, fps=fps, label=banner)
+            return Recognition(annotated, label, pred.confidence, dict(pred.top5), sure, model)
         finally:
             self._busy.release()
 
     # --------------------------------------------------------------------------------- evaluate
-    def evaluate(self, split: str = "test", progress: bool = False) -> dict:
+    def evaluate(self, split: str = "test", progress: bool = False, unknown_products=()) -> dict:
         from training.evaluate import evaluate
 
         path = self.active_checkpoint()
@@ -317,7 +351,8 @@ class Studio:
             raise StudioError("No active model: train one first (Train tab) and make it active.")
         out = Path(path).parent / f"evaluation-{split}" if not path.startswith("hf://") else self.db / "evaluation"
         try:
-            return {**evaluate(path, self.db, split=split, out_dir=out, progress=progress, predictor=self.predictor()),
+            return {**evaluate(path, self.db, split=split, out_dir=out, progress=progress, predictor=self.predictor(),
+                               unknown_products=[u for u in unknown_products if u]),
                     "confusion_png": str(out / "confusion.png")}
         except ValueError as exc:
             raise StudioError(str(exc)) from None

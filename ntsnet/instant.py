@@ -1,0 +1,253 @@
+"""Instant recognition: a per-product prototype index over pretrained embeddings, updated photo by photo.
+
+Adding a photo costs one forward pass of a frozen ImageNet backbone; each product's prototype is the mean of
+its photos' L2-normalised embeddings, kept as an exact running sum (float64) so adding, removing or moving a
+photo gives the same index as rebuilding from scratch. A query is scored by cosine similarity to every
+prototype; below a calibrated similarity it answers "unknown" instead of naming a product.
+
+The index lives in CATALOGUE/instant_index.safetensors and is synced against the catalogue on load: photos
+deleted, moved or merged since are dropped or relabelled, new ones embedded, and a changed backbone means a
+full rebuild.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import create_backbone
+from .checkpoint import atomic_write
+from .images import to_input_tensor, to_rgb_array
+from .predictor import Prediction, cpu_supports_fast_bf16
+
+INDEX_FILE = "instant_index.safetensors"
+TEMPERATURE = 20.0   # cosine similarity -> softmax sharpness for the reported confidence
+
+
+class Embedder:
+    """Frozen pretrained backbone -> L2-normalised pooled feature."""
+
+    def __init__(self, backbone: str = "efficientnet_lite0", size: int = 224):
+        self.name, self.size = backbone, size
+        self.net = create_backbone(backbone, pretrained=True).eval()
+        self.fast = cpu_supports_fast_bf16()
+        if self.fast:
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, images) -> np.ndarray:
+        arrays = [to_rgb_array(im) for im in images]
+        if not arrays:
+            return np.zeros((0, self.net.out_channels), np.float32)
+        out = []
+        for start in range(0, len(arrays), 32):
+            x = to_input_tensor(arrays[start:start + 32], self.size, self.net.mean, self.net.std)
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.fast else contextlib.nullcontext()
+            if self.fast:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with ctx:
+                f = self.net(x).float().mean((2, 3))
+            out.append(torch.nn.functional.normalize(f, dim=1).numpy())
+        return np.concatenate(out)
+
+
+class InstantIndex:
+    def __init__(self, backbone: str = "efficientnet_lite0", dim: int | None = None):
+        self.backbone = backbone
+        self.embeddings: dict[int, np.ndarray] = {}   # image id -> unit vector
+        self.labels: dict[int, str] = {}              # image id -> product
+        self.sums: dict[str, np.ndarray] = {}         # product -> float64 sum of its unit vectors
+        self.counts: dict[str, int] = {}
+        self.threshold: float | None = None           # cosine similarity below which the answer is "unknown"
+
+    # ---------------------------------------------------------------------------- incremental edits
+    def add(self, image_id: int, product: str, embedding: np.ndarray):
+        if image_id in self.embeddings:
+            self.remove(image_id)
+        e = np.asarray(embedding, np.float32)
+        self.embeddings[image_id], self.labels[image_id] = e, product
+        self.sums[product] = self.sums.get(product, np.zeros(e.shape, np.float64)) + e.astype(np.float64)
+        self.counts[product] = self.counts.get(product, 0) + 1
+
+    def remove(self, image_id: int):
+        e, product = self.embeddings.pop(image_id), self.labels.pop(image_id)
+        self.counts[product] -= 1
+        if self.counts[product] == 0:
+            del self.counts[product], self.sums[product]
+        else:
+            self.sums[product] = self.sums[product] - e.astype(np.float64)
+
+    def relabel(self, image_id: int, product: str):
+        e = self.embeddings[image_id]
+        self.remove(image_id)
+        self.add(image_id, product, e)
+
+    @classmethod
+    def from_embeddings(cls, items, backbone: str = "efficientnet_lite0") -> "InstantIndex":
+        index = cls(backbone)
+        for image_id, product, e in items:
+            index.add(image_id, product, e)
+        return index
+
+    # ------------------------------------------------------------------------------------ queries
+    @property
+    def products(self) -> list[str]:
+        return sorted(self.counts)
+
+    def prototypes(self) -> tuple[list[str], np.ndarray]:
+        names = self.products
+        if not names:
+            return [], np.zeros((0, 0), np.float32)
+        protos = np.stack([self.sums[n] / self.counts[n] for n in names])
+        protos /= np.linalg.norm(protos, axis=1, keepdims=True) + 1e-12
+        return names, protos.astype(np.float32)
+
+    def scores(self, embeddings: np.ndarray) -> tuple[list[str], np.ndarray]:
+        names, protos = self.prototypes()
+        return names, np.asarray(embeddings, np.float32) @ protos.T
+
+    def classify(self, embeddings: np.ndarray, top_k: int = 5) -> list[Prediction]:
+        names, sims = self.scores(embeddings)
+        if not names:
+            raise ValueError("the instant index is empty: capture photos first")
+        out = []
+        for row in sims:
+            logits = TEMPERATURE * (row - row.max())
+            probs = np.exp(logits) / np.exp(logits).sum()
+            order = np.argsort(-row)[:top_k]
+            top = [(names[i], float(probs[i])) for i in order]
+            best_sim = float(row[order[0]])
+            unknown = self.threshold is not None and best_sim < self.threshold
+            out.append(Prediction("unknown" if unknown else top[0][0], top[0][1], top, [], int(order[0]), (0, 0),
+                                  unknown=unknown, best_guess=top[0][0], score=best_sim))
+        return out
+
+    # -------------------------------------------------------------------------------- persistence
+    def save(self, path: Path):
+        from safetensors.torch import save_file
+
+        ids = sorted(self.embeddings)
+        tensors = {"ids": torch.tensor(ids, dtype=torch.int64),
+                   "embeddings": torch.from_numpy(np.stack([self.embeddings[i] for i in ids])) if ids else torch.zeros(0, 1)}
+        meta = {"format": "ntsnet-instant-index", "backbone": self.backbone,
+                "labels": json.dumps([self.labels[i] for i in ids], ensure_ascii=False),
+                "threshold": json.dumps(self.threshold)}
+        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path: Path) -> "InstantIndex | None":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                if meta.get("format") != "ntsnet-instant-index":
+                    return None
+                ids = fh.get_tensor("ids").tolist()
+                emb = fh.get_tensor("embeddings").numpy()
+            labels = json.loads(meta["labels"])
+        except (OSError, SafetensorError, ValueError, KeyError):
+            return None  # unreadable: it is only a cache, rebuild it
+        index = cls.from_embeddings(zip(ids, labels, emb), backbone=meta["backbone"])
+        index.threshold = json.loads(meta.get("threshold", "null"))
+        return index
+
+
+def calibrate_threshold(known_best_scores, keep: float = 0.95) -> float:
+    """The score that keeps ``keep`` of known-product validation photos: below it means 'unknown'."""
+    scores = np.sort(np.asarray(known_best_scores, np.float64))
+    if len(scores) == 0:
+        return float("-inf")
+    return float(np.quantile(scores, 1.0 - keep))
+
+
+class InstantRecogniser:
+    """The index kept in step with a catalogue (anything with ``.db`` and ``.image_path``)."""
+
+    def __init__(self, catalogue, backbone: str = "efficientnet_lite0", embedder: Embedder | None = None):
+        self.catalogue = catalogue
+        self.path = Path(catalogue.root) / INDEX_FILE
+        self._embedder = embedder
+        self.backbone = backbone
+        loaded = InstantIndex.load(self.path) if self.path.exists() else None
+        self.index = loaded if loaded is not None and loaded.backbone == backbone else InstantIndex(backbone)
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = Embedder(self.backbone)
+        return self._embedder
+
+    def _labelled(self) -> dict[int, str]:
+        rows = self.catalogue.db.execute(
+            "SELECT i.id, p.name FROM images i JOIN products p ON p.id = i.product_id").fetchall()
+        return dict(rows)
+
+    def sync(self, save: bool = True, progress=None) -> dict:
+        """Bring the index in line with the catalogue; returns what changed."""
+        want = self._labelled()
+        have = self.index.labels
+        removed = [i for i in list(have) if i not in want]
+        for i in removed:
+            self.index.remove(i)
+        moved = [i for i, p in list(have.items()) if want.get(i) not in (None, p)]
+        for i in moved:
+            self.index.relabel(i, want[i])
+        missing = [i for i in want if i not in self.index.labels]
+        paths = {i: p for i, p in self.catalogue.db.execute("SELECT id, path FROM images")}
+        for start in range(0, len(missing), 32):
+            chunk = missing[start:start + 32]
+            embs = self.embedder([self.catalogue.image_path(paths[i]) for i in chunk])
+            for i, e in zip(chunk, embs):
+                self.index.add(i, want[i], e)
+            if progress:
+                progress(min(start + 32, len(missing)), len(missing))
+        changed = bool(removed or moved or missing)
+        if changed:
+            self._recalibrate()
+            if save:
+                self.index.save(self.path)
+        return {"added": len(missing), "removed": len(removed), "relabelled": len(moved), "photos": len(self.index.labels)}
+
+    def add_photo(self, image_id: int, product: str, image) -> None:
+        """One new capture: one forward pass, no retraining."""
+        self.index.add(image_id, product, self.embedder([image])[0])
+        self._recalibrate()
+        self.index.save(self.path)
+
+    def _recalibrate(self):
+        """Threshold between two leave-one-out distributions over the captured photos: each photo's similarity
+        to its own product (what a known product scores) and to the closest other product (what a product
+        that is not in the catalogue tends to score). Halfway between the 5th percentile of the first and the
+        95th of the second; few photos make the first optimistic, and the midpoint leaves room for that."""
+        idx = self.index
+        if len(idx.products) < 2:
+            idx.threshold = None
+            return
+        names, protos = idx.prototypes()
+        own, other = [], []
+        for i, e in idx.embeddings.items():
+            p = idx.labels[i]
+            if idx.counts[p] < 2:
+                continue
+            loo = (idx.sums[p] - e) / (idx.counts[p] - 1)
+            own.append(float(e @ (loo / (np.linalg.norm(loo) + 1e-12))))
+            other.append(float(max(e @ protos[j] for j, n in enumerate(names) if n != p)))
+        if not own:
+            idx.threshold = None
+            return
+        known_low = calibrate_threshold(own, keep=0.95)
+        other_high = float(np.quantile(other, 0.95))
+        idx.threshold = (known_low + other_high) / 2 if other_high < known_low else known_low
+
+    def ready(self) -> bool:
+        return len(self.index.products) >= 2
+
+    def predict(self, image) -> Prediction:
+        rgb = to_rgb_array(image)
+        pred = self.index.classify(self.embedder([rgb]))[0]
+        pred.image_size = (rgb.shape[1], rgb.shape[0])
+        return pred

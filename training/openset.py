@@ -1,0 +1,69 @@
+"""'Not in the catalogue': a calibrated rejection threshold and its open-set evaluation.
+
+The score is the Scrutinizer's max softmax probability. The threshold keeps 95% of the validation photos of
+known products; it is stored in the checkpoint, and the Predictor answers "unknown" below it. Evaluation holds
+some products out of training and measures how well the score separates them (AUROC) and what accuracy each
+coverage buys.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+KEEP = 0.95
+
+
+def threshold_for(known_scores, keep: float = KEEP) -> float:
+    scores = np.asarray(known_scores, np.float64)
+    return float(np.quantile(scores, 1.0 - keep)) if len(scores) else 0.0
+
+
+def auroc(known_scores, unknown_scores) -> float:
+    """P(a known photo scores higher than an unknown one), ties counting half (Mann-Whitney U)."""
+    k, u = np.asarray(known_scores, np.float64), np.asarray(unknown_scores, np.float64)
+    if not len(k) or not len(u):
+        return float("nan")
+    greater = (k[:, None] > u[None, :]).sum()
+    ties = (k[:, None] == u[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(k) * len(u)))
+
+
+def coverage_table(known_scores, known_correct, unknown_scores, threshold=None, coverages=(1.0, 0.95, 0.9, 0.8, 0.7, 0.5)) -> list[dict]:
+    """For each coverage of known photos: the threshold, accuracy on the accepted ones, unknowns rejected."""
+    k = np.asarray(known_scores, np.float64)
+    ok = np.asarray(known_correct, bool)
+    u = np.asarray(unknown_scores, np.float64)
+    rows = []
+    points = [(c, float(np.quantile(k, 1 - c)) if c < 1 else -np.inf) for c in coverages]
+    if threshold is not None:
+        points.append(("stored", float(threshold)))
+    for label, t in points:
+        accepted = k >= t
+        rows.append({
+            "coverage": label if label == "stored" else float(label),
+            "threshold": None if t == -np.inf else round(t, 6),
+            "known_accepted": float(accepted.mean()) if len(k) else float("nan"),
+            "accuracy_on_accepted": float(ok[accepted].mean()) if accepted.any() else float("nan"),
+            "unknown_rejected": float((u < t).mean()) if len(u) else float("nan"),
+        })
+    return rows
+
+
+def calibrate_checkpoint(checkpoint, val_items, predictor=None, keep: float = KEEP) -> float | None:
+    """Score the validation photos, store the threshold in the checkpoint (rewritten atomically)."""
+    from ntsnet import Predictor, load_checkpoint, save_checkpoint
+    from ntsnet.checkpoint import build_model
+
+    from .data import load_rgb
+
+    if not val_items:
+        return None
+    predictor = predictor or Predictor.from_checkpoint(checkpoint)
+    arrays = [np.asarray(im) for im in (load_rgb(it["path"]) for it in val_items) if im is not None]
+    scores = []
+    for start in range(0, len(arrays), 16):
+        scores += [p.confidence for p in predictor.predict_batch(arrays[start:start + 16])]
+    t = threshold_for(scores, keep)
+    ckpt = load_checkpoint(checkpoint)
+    extra = {**ckpt.extra, "unknown_threshold": {"score": "max_softmax", "value": t, "keep": keep, "n": len(scores)}}
+    save_checkpoint(checkpoint, build_model(ckpt), ckpt.class_names, extra=extra)
+    return t
