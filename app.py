@@ -23,6 +23,13 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
     def fail(exc):
         raise gr.Error(str(exc))
 
+    def act(fn, *args, **kwargs):
+        """Run a Studio action; its StudioError becomes the message the person sees."""
+        try:
+            return fn(*args, **kwargs)
+        except StudioError as exc:
+            fail(exc)
+
     # ------------------------------------------------------------------ small helpers shared by events
     def product_choices(selected=None):
         names = studio.product_names()
@@ -64,10 +71,7 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
             collect_gallery = gr.Gallery(label="Photos of this product (newest first)", columns=8, height=300)
 
         def on_create(name, sku):
-            try:
-                msg = studio.create_product(name, sku)
-            except StudioError as exc:
-                fail(exc)
+            msg = act(studio.create_product, name, sku)
             return product_choices(name.strip()), msg, "", "", status_line()
 
         def on_frame(frame, request: gr.Request):
@@ -76,10 +80,7 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
 
         def on_snap(product_name, tag_list, request: gr.Request):
             frame = latest_frames.get(request.session_hash if request else "-")
-            try:
-                r = studio.save_photo(frame, product_name, tag_list, source="webcam")
-            except StudioError as exc:
-                fail(exc)
+            r = act(studio.save_photo, frame, product_name, tag_list, source="webcam")
             return r["message"], studio.gallery(product_name), f"**{r['count']}** photos of “{product_name}”", status_line()
 
         def on_burst(product_name, tag_list, every_ms, seconds, request: gr.Request):
@@ -155,19 +156,13 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
         label_outputs = [label_gallery, selected, counts, browse, move_to, confirm_product]
 
         def on_move(ids, target, product_name, unlabelled):
-            try:
-                msg = studio.move_photos(ids, target)
-            except StudioError as exc:
-                fail(exc)
+            msg = act(studio.move_photos, ids, target)
             return (msg, *label_view(product_name, unlabelled))
 
         def on_delete(ids, confirmed, product_name, unlabelled):
             if not confirmed:
                 fail("Tick “Yes, delete permanently” first.")
-            try:
-                msg = studio.delete_photos(ids)
-            except StudioError as exc:
-                fail(exc)
+            msg = act(studio.delete_photos, ids)
             return (msg, *label_view(product_name, unlabelled))
 
         def on_scan():
@@ -182,10 +177,7 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
         def on_confirm(image_id, product_name, browse_name, unlabelled):
             if not image_id or not product_name:
                 fail("Give a photo id and a product.")
-            try:
-                msg = studio.confirm_suggestion(int(image_id), product_name)
-            except (StudioError, ValueError) as exc:
-                fail(exc)
+            msg = act(studio.confirm_suggestion, int(image_id), product_name)
             return (msg, *label_view(browse_name, unlabelled))
 
         for trigger in (browse.change, show_unlabelled.change, refresh_label.click, label_tab.select):
@@ -240,11 +232,8 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
         train_outputs = [run_status, curves_plot, runs_table, run_pick, readiness]
 
         def on_train(bb, ep, mins, k, size, rate, bs, held_out):
-            try:
-                studio.start_training(bb, int(ep), mins or None, int(k), int(size), lr=float(rate), batch_size=int(bs),
-                                      exclude_products=[h.strip() for h in (held_out or "").split(",") if h.strip()])
-            except StudioError as exc:
-                fail(exc)
+            act(studio.start_training, bb, int(ep), mins or None, int(k), int(size), lr=float(rate), batch_size=int(bs),
+                exclude_products=[h.strip() for h in (held_out or "").split(",") if h.strip()])
             return train_view()
 
         def on_cancel():
@@ -254,10 +243,7 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
         def on_activate(name):
             if not name:
                 fail("Pick a finished run first.")
-            try:
-                msg = studio.set_active_model(name)
-            except StudioError as exc:
-                fail(exc)
+            msg = act(studio.set_active_model, name)
             gr.Info(msg)
             return status_line()
 
@@ -309,10 +295,7 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
                                     interactive=False, label="Unknown products: accuracy / coverage trade-off")
 
         def on_evaluate(split_name, unknown_names, progress=gr.Progress(track_tqdm=True)):
-            try:
-                rep = studio.evaluate(split_name, progress=True, unknown_products=[u.strip() for u in (unknown_names or "").split(",")])
-            except StudioError as exc:
-                fail(exc)
+            rep = act(studio.evaluate, split_name, progress=True, unknown_products=[u.strip() for u in (unknown_names or "").split(",")])
             rows = [[c, round(r["accuracy"], 4), r["n"]] for c, r in rep["conditions"].items()]
             rows += [[f"tag: {t}", round(r["accuracy"], 4), r["n"]] for t, r in rep.get("tags", {}).items()]
             summary = f"**{rep['n']} photos** ({split_name}): top-1 **{rep['accuracy']:.1%}**, top-5 {rep['top5']:.1%}"
