@@ -187,3 +187,19 @@ def test_ddp_with_two_gloo_processes(catalogue, tmp_path):
     assert "2 processes" in r.stdout + r.stderr
     lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1
+
+
+def test_warm_start_from_a_baseline(catalogue, tmp_path):
+    from ntsnet import load_checkpoint
+
+    train(tiny_config(catalogue, tmp_path / "base", model="baseline", epochs=2), log=lambda *a: None)
+    base = load_checkpoint(tmp_path / "base" / "best.safetensors").state_dict
+    messages = []
+    train(tiny_config(catalogue, tmp_path / "nts", epochs=1, lr=0.0, init_from=str(tmp_path / "base" / "best.safetensors")),
+          log=messages.append)
+    assert any("warm start" in m for m in messages)
+    nts = load_checkpoint(tmp_path / "nts" / "last.safetensors").state_dict
+    # lr 0 keeps the copied weights (BatchNorm running stats still move, so compare conv weights)
+    convs = [k for k in base if k.startswith("backbone.") and k.endswith("weight") and base[k].dim() == 4]
+    assert convs and all(torch.equal(base[k], nts[k]) for k in convs)
+    assert torch.equal(base["raw_head.weight"], nts["raw_head.weight"])  # same products: the head comes too

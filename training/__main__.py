@@ -36,6 +36,7 @@ def _add_train_args(p, with_db_out=True):
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-train-images", type=int, default=None)
     p.add_argument("--exclude-products", default="", help="comma-separated products to hold out (open-set evaluation)")
+    p.add_argument("--init-from", default="", help="start from this checkpoint's weights (e.g. a fine-tuned baseline)")
 
 
 def _train_config(args, **override) -> TrainConfig:

@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     max_train_images: int | None = None  # for quick experiments
     exclude_products: str = ""         # comma-separated products held out (open-set evaluation)
+    init_from: str = ""                # start from another checkpoint's weights (e.g. a fine-tuned baseline)
 
 
 @dataclass
@@ -163,6 +164,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     model = create_model(model_cfg, pretrained=cfg.pretrained and saved is None)
     if saved is not None:
         model.load_state_dict(saved["model"])
+    elif cfg.init_from:
+        log(_warm_start(model, cfg.init_from, snap.class_names))
     model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -305,6 +308,21 @@ def train(cfg: TrainConfig, log=print) -> dict:
         dist.destroy_process_group()
     last = state.history[-1] if state.history else {}
     return {"run_dir": str(run_dir), "state": final, "best_val_acc": state.best_val, **last}
+
+
+def _warm_start(model, checkpoint: str, class_names) -> str:
+    """Copy every tensor whose name and shape match (the backbone; heads too when the products are the same)."""
+    from ntsnet import load_checkpoint
+
+    src = load_checkpoint(checkpoint)
+    if src.config.backbone != model.config.backbone:
+        raise ValueError(f"--init-from has backbone {src.config.backbone!r}, this run uses {model.config.backbone!r}")
+    same_classes = src.class_names == list(class_names)
+    own = model.state_dict()
+    take = {k: v for k, v in src.state_dict.items() if k in own and own[k].shape == v.shape
+            and (same_classes or not k.split(".")[0].endswith("_head"))}
+    model.load_state_dict(take, strict=False)
+    return f"warm start from {checkpoint}: {len(take)} of {len(own)} tensors" + ("" if same_classes else " (backbone only: other products)")
 
 
 def _write_json_lines(path: Path, rows):
