@@ -1,4 +1,5 @@
 import json
+import re
 import os
 import signal
 import subprocess
@@ -203,3 +204,16 @@ def test_warm_start_from_a_baseline(catalogue, tmp_path):
     convs = [k for k in base if k.startswith("backbone.") and k.endswith("weight") and base[k].dim() == 4]
     assert convs and all(torch.equal(base[k], nts[k]) for k in convs)
     assert torch.equal(base["raw_head.weight"], nts["raw_head.weight"])  # same products: the head comes too
+
+
+def test_ablate_prints_the_papers_tables(catalogue, tmp_path):
+    cmd = [sys.executable, "-m", "training", "ablate", "--db", str(catalogue), "--out", str(tmp_path / "abl"), "--minutes", "0.12",
+           "--epochs", "2", *TINY_ARGS]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert "Table 1" in out and "Table 2" in out
+    for row in ("tiny (baseline)", "NTS-Net (K=0)", "NTS-Net (K=2)", "NTS-Net (K=4)"):
+        line = next(l for l in out.splitlines() if row in l)
+        assert re.search(r"\d+\.\d%\s*\|\s*\d+\.\d%", line), line  # paper figure next to a measured one
+    assert sorted(p.name for p in (tmp_path / "abl").iterdir()) == ["baseline", "ntsnet-k0", "ntsnet-k2", "ntsnet-k4"]
