@@ -92,6 +92,7 @@ def main():
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--nts-input", type=int, default=320)
     ap.add_argument("--nts-part", type=int, default=160)
+    ap.add_argument("--extra-minutes", type=float, default=12, help="for 'warm' and 'baseline-more': minutes beyond the baseline's")
     args = ap.parse_args()
     if not DATASET.exists():
         sys.exit(f"dataset not found at {DATASET}")
@@ -111,7 +112,19 @@ def main():
         elif stage == "ntsnet":
             results["ntsnet"] = run_training(TrainConfig(out=str(work / "ntsnet"), model="ntsnet", input_size=args.nts_input,
                                                          part_size=args.nts_part, **common), db)
-        print(json.dumps(results.get({"probe": "linear_probe"}.get(stage, stage)), indent=1), flush=True)
+        elif stage == "warm":  # NTS-Net starting from the fine-tuned baseline's backbone and head
+            results["ntsnet_warm"] = run_training(TrainConfig(out=str(work / "ntsnet-warm"), model="ntsnet", input_size=args.nts_input,
+                                                              part_size=args.nts_part, init_from=str(work / "baseline" / "best.safetensors"),
+                                                              **{**common, "max_minutes": args.extra_minutes, "lr": 0.001}), db)
+        elif stage == "baseline-more":  # the same baseline given the same extra minutes: the fair comparison for 'warm'
+            import shutil
+
+            longer = work / "baseline-more"
+            if not longer.exists():
+                shutil.copytree(work / "baseline", longer)
+            results["baseline_more"] = run_training(TrainConfig(out=str(longer), model="baseline", input_size=224,
+                                                                **{**common, "max_minutes": args.minutes + args.extra_minutes}), db)
+        print(json.dumps(results.get({"probe": "linear_probe", "warm": "ntsnet_warm", "baseline-more": "baseline_more"}.get(stage, stage)), indent=1), flush=True)
         results_path.write_text(json.dumps(results, indent=1))
 
 
