@@ -30,11 +30,16 @@ def targets(n: int, val: float, test: float) -> dict[str, int]:
     return {"train": n - n_val - n_test, "val": n_val, "test": n_test}
 
 
-def assign_splits(cat: Catalogue, val: float = 0.15, test: float = 0.15, seed: int = 0, reset: bool = False) -> dict:
+def assign_splits(cat: Catalogue, val: float = 0.15, test: float = 0.15, seed: int = 0, reset: bool = False,
+                  product: str | None = None) -> dict:
+    """``product``: only that product's photos (what one new capture needs: cheap at any catalogue size)."""
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise CatalogueError("ratios must satisfy 0 <= val, test and val + test < 1")
     changes: dict[int, str] = {}
-    rows = cat.db.execute("SELECT id, hash, product_id, split FROM images WHERE product_id IS NOT NULL").fetchall()
+    if product is not None:
+        rows = cat.db.execute("SELECT id, hash, product_id, split FROM images WHERE product_id = ?", [cat.product_id(product)]).fetchall()
+    else:
+        rows = cat.db.execute("SELECT id, hash, product_id, split FROM images WHERE product_id IS NOT NULL").fetchall()
     by_product: dict[int, list] = {}
     for r in rows:
         by_product.setdefault(r[2], []).append(r)
@@ -56,6 +61,8 @@ def assign_splits(cat: Catalogue, val: float = 0.15, test: float = 0.15, seed: i
                 changes[image_id] = split
     if changes:
         cat.set_splits(changes)
+    if product is not None:
+        return {"changed": len(changes)}
     counts = {s: 0 for s in SPLITS}
     for (s, n) in cat.db.execute("SELECT split, COUNT(*) FROM images WHERE product_id IS NOT NULL GROUP BY split"):
         if s in counts:

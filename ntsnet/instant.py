@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from .predictor import Prediction, cpu_supports_fast_bf16
 
 INDEX_FILE = "instant_index.safetensors"
 TEMPERATURE = 20.0   # cosine similarity -> softmax sharpness for the reported confidence
+SAVE_EVERY_S = 5.0   # captures in a burst share one write of the index file
 
 
 class Embedder:
@@ -174,6 +176,7 @@ class InstantRecogniser:
         self.backbone = backbone
         loaded = InstantIndex.load(self.path) if self.path.exists() else None
         self.index = loaded if loaded is not None and loaded.backbone == backbone else InstantIndex(backbone)
+        self._saved_at = float("-inf")
 
     @property
     def embedder(self) -> Embedder:
@@ -209,14 +212,20 @@ class InstantRecogniser:
         if changed:
             self._recalibrate()
             if save:
-                self.index.save(self.path)
+                self.save()
         return {"added": len(missing), "removed": len(removed), "relabelled": len(moved), "photos": len(self.index.labels)}
 
     def add_photo(self, image_id: int, product: str, image) -> None:
-        """One new capture: one forward pass, no retraining."""
+        """One new capture: one forward pass, no retraining. Saved at most every few seconds: photos a crash
+        loses from the file are simply embedded again by the next ``sync``."""
         self.index.add(image_id, product, self.embedder([image])[0])
         self._recalibrate()
+        if time.monotonic() - self._saved_at > SAVE_EVERY_S:
+            self.save()
+
+    def save(self):
         self.index.save(self.path)
+        self._saved_at = time.monotonic()
 
     def _recalibrate(self):
         """Threshold between two leave-one-out distributions over the captured photos: each photo's similarity
@@ -228,17 +237,19 @@ class InstantRecogniser:
             idx.threshold = None
             return
         names, protos = idx.prototypes()
-        own, other = [], []
-        for i, e in idx.embeddings.items():
-            p = idx.labels[i]
-            if idx.counts[p] < 2:
-                continue
-            loo = (idx.sums[p] - e) / (idx.counts[p] - 1)
-            own.append(float(e @ (loo / (np.linalg.norm(loo) + 1e-12))))
-            other.append(float(max(e @ protos[j] for j, n in enumerate(names) if n != p)))
-        if not own:
+        ids = [i for i in idx.embeddings if idx.counts[idx.labels[i]] >= 2]
+        if not ids:
             idx.threshold = None
             return
+        emb = np.stack([idx.embeddings[i] for i in ids]).astype(np.float64)
+        col = {n: j for j, n in enumerate(names)}
+        own_col = np.array([col[idx.labels[i]] for i in ids])
+        counts = np.array([idx.counts[idx.labels[i]] for i in ids], np.float64)[:, None]
+        loo = (np.stack([idx.sums[idx.labels[i]] for i in ids]) - emb) / (counts - 1)   # own prototype without the photo
+        own = np.einsum("nd,nd->n", emb, loo / (np.linalg.norm(loo, axis=1, keepdims=True) + 1e-12))
+        sims = emb @ protos.T.astype(np.float64)
+        sims[np.arange(len(ids)), own_col] = -np.inf
+        other = sims.max(axis=1)
         known_low = calibrate_threshold(own, keep=0.95)
         other_high = float(np.quantile(other, 0.95))
         idx.threshold = (known_low + other_high) / 2 if other_high < known_low else known_low

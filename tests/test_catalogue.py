@@ -361,3 +361,17 @@ def test_cli(tmp_path):
     bad.write_bytes(b"")
     r = run_cli(db, "add", bad, "--product", "milk")
     assert r.returncode == 1 and "empty" in r.stderr
+
+
+def test_split_for_one_product_matches_the_global_assignment(tmp_path):
+    a, b = Catalogue(tmp_path / "a"), Catalogue(tmp_path / "b")
+    for cat in (a, b):
+        for p in ("x", "y"):
+            cat.add_product(p)
+            for i in range(10):
+                cat.add_image(photo(hash((p, i)) % 10000, size=(32, 32)), product=p)
+    assign_splits(a, seed=2)
+    assign_splits(b, seed=2, product="x")  # what a capture of "x" does
+    split_a = {i["hash"]: i["split"] for i in a.images(product="x")}
+    split_b = {i["hash"]: i["split"] for i in b.images(product="x")}
+    assert split_a == split_b and all(i["split"] is None for i in b.images(product="y"))

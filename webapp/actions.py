@@ -76,7 +76,7 @@ class Studio:
             return {"message": f"Not saved: {exc}", "warnings": ["duplicate"], "count": self._count(product), "image_id": exc.image_id}
         except (InvalidImage, CatalogueError) as exc:
             raise StudioError(f"Not saved: {exc}") from None
-        self._after_capture()
+        self._after_capture(product)
         self._instant_add(res.image_id, product, self.catalogue.root / res.path)
         count = self._count(product)
         warn = f" Warnings: {', '.join(res.warnings)}." if res.warnings else ""
@@ -124,9 +124,9 @@ class Studio:
     def _count(self, product: str) -> int:
         return next((p["images"] for p in self.catalogue.products() if p["name"].lower() == product.lower()), 0)
 
-    def _after_capture(self):
+    def _after_capture(self, product: str | None = None):
         """Give new photos a split at once (stable), so the catalogue is always ready to train."""
-        assign_splits(self.catalogue)
+        assign_splits(self.catalogue, product=product)
 
     def gallery(self, product: str | None = None, limit: int = 200, unlabelled: bool = False) -> list[tuple[str, str]]:
         if not product and not unlabelled:
@@ -193,7 +193,7 @@ class Studio:
         if product not in self.product_names():
             self.catalogue.add_product(product, exist_ok=True)
         self.catalogue.move_images([image_id], product)
-        self._after_capture()
+        self._after_capture(product)
         self._instant_sync()
         return f"Photo {image_id} labelled “{product}”."
 
