@@ -174,9 +174,10 @@ class Studio:
         for start in range(0, len(imgs), 16):
             batch = imgs[start:start + 16]
             for img, pred in zip(batch, predictor.predict_batch([self.catalogue.image_path(i) for i in batch])):
-                if pred.label != img["product"]:
+                guess = pred.best_guess or pred.label  # an "unknown" answer still has a best guess to compare
+                if guess != img["product"]:
                     out.append({"id": img["id"], "path": str(self.catalogue.image_path(img)), "label": img["product"],
-                                "predicted": pred.label, "confidence": pred.confidence})
+                                "predicted": guess, "confidence": pred.confidence})
         return sorted(out, key=lambda r: -r["confidence"])
 
     def suggestions(self, limit: int = 100) -> list[dict]:
@@ -186,8 +187,8 @@ class Studio:
         if predictor is None or not imgs:
             return [{"id": i["id"], "path": str(self.catalogue.image_path(i)), "suggested": None, "confidence": 0.0} for i in imgs]
         preds = predictor.predict_batch([self.catalogue.image_path(i) for i in imgs])
-        return [{"id": i["id"], "path": str(self.catalogue.image_path(i)), "suggested": p.label, "confidence": p.confidence}
-                for i, p in zip(imgs, preds)]
+        return [{"id": i["id"], "path": str(self.catalogue.image_path(i)), "suggested": p.best_guess or p.label,
+                 "confidence": p.confidence, "unknown": p.unknown} for i, p in zip(imgs, preds)]
 
     def confirm_suggestion(self, image_id: int, product: str) -> str:
         if product not in self.product_names():
