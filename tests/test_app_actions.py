@@ -118,7 +118,9 @@ def test_train_through_the_job_runner_then_recognise_and_evaluate(studio):
     wrong = again.catalogue.images(product="red-box")[0]["id"]
     again.move_photos([wrong], "green-pack")
     mis = again.possible_mislabels()
-    assert mis and mis[0]["id"] == wrong and mis[0]["predicted"] == "red-box"
+    flagged = {m["id"]: m for m in mis}
+    assert wrong in flagged and flagged[wrong]["predicted"] == "red-box" and flagged[wrong]["label"] == "green-pack"
+    assert [m["confidence"] for m in mis] == sorted((m["confidence"] for m in mis), reverse=True)  # most confident first
     # unlabelled upload gets a suggestion, one click confirms it
     again.catalogue.add_image(shot(4242, "green-pack"), source_kind="upload")
     sug = again.suggestions()
