@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,13 +58,21 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def cpu_supports_fast_bf16() -> bool:
-    """True where bf16 matmuls run on hardware (AMX / AVX512-BF16); elsewhere bf16 is slower than fp32."""
-    try:
-        cap = torch.backends.cpu.get_cpu_capability()
+def cpu_supports_fast_bf16(cpuinfo: str | None = None) -> bool:
+    """True where bf16 matmuls run in hardware (AVX512-BF16 or AMX); elsewhere oneDNN emulates bf16 and it is
+    slower than fp32, so a plain AVX-512 CPU must not count."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    if cpuinfo:
+        flags = set(cpuinfo.split())
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    try:  # no /proc (macOS, Windows): torch's own view, which names AMX only when it is there
+        return "AMX" in torch.backends.cpu.get_cpu_capability().upper()
     except Exception:
         return False
-    return "AMX" in cap.upper() or "AVX512" in cap.upper()
 
 
 class Predictor:

@@ -147,3 +147,11 @@ def test_save_is_atomic_and_checks_class_count(tiny_checkpoint, tmp_path):
         save_checkpoint(target, pred.model, ["only-one"])
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left behind
+
+
+def test_bf16_is_chosen_only_where_the_cpu_does_bf16_in_hardware():
+    from ntsnet.predictor import cpu_supports_fast_bf16
+
+    assert not cpu_supports_fast_bf16("flags : fpu sse avx2 avx512f avx512bw avx512vl")  # emulated: slower than fp32
+    assert cpu_supports_fast_bf16("flags : fpu avx512f avx512_bf16")
+    assert cpu_supports_fast_bf16("flags : fpu amx_bf16 amx_tile")

@@ -217,3 +217,11 @@ def test_ablate_prints_the_papers_tables(catalogue, tmp_path):
         line = next(l for l in out.splitlines() if row in l)
         assert re.search(r"\d+\.\d%\s*\|\s*\d+\.\d%", line), line  # paper figure next to a measured one
     assert sorted(p.name for p in (tmp_path / "abl").iterdir()) == ["baseline", "ntsnet-k0", "ntsnet-k2", "ntsnet-k4"]
+
+
+def test_status_reads_only_the_end_of_a_long_log(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").write_text("x" * 5_000_000 + "\nlast line\n")
+    tail = jobs.status(run)["log_tail"]
+    assert tail.endswith("last line\n") and len(tail) <= 3000

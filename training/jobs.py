@@ -52,6 +52,17 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def _tail(path: Path, size: int = 3000) -> str:
+    """The end of a log without reading it all: the UI asks every 2 s and logs grow with every step."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - size))
+            return fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
 def status(run_dir) -> dict:
     run_dir = Path(run_dir)
     job = _read_json(run_dir / "job.json")
@@ -66,10 +77,7 @@ def status(run_dir) -> dict:
     with_metrics = run_dir / "metrics.jsonl"
     if with_metrics.exists():
         metrics = [json.loads(line) for line in with_metrics.read_text().splitlines() if line.strip()]
-    log_tail = ""
-    log_path = run_dir / "train.log"
-    if log_path.exists():
-        log_tail = log_path.read_text(errors="replace")[-3000:]
+    log_tail = _tail(run_dir / "train.log")
     best = max((m["val_acc"] for m in metrics if m.get("val_acc") is not None), default=None)
     return {"run_dir": str(run_dir), "name": run_dir.name, "state": state, "alive": alive, "pid": job.get("pid"),
             "started_at": job.get("started_at"), "config": _read_json(run_dir / "config.json"), "progress": prog,
