@@ -57,7 +57,7 @@ def main():
     held_out = [r for r in read_list("val.txt") if r[2] in CLASSES]
     studio = Studio(work / "catalogue")
     per_class: dict[str, int] = {}
-    studio.instant  # load the embedder once, as the running app has it
+    _ = studio.instant  # load the embedder once, as the running app has it
     t_first = time.perf_counter()
     capture_times = []
     for path, name, _ in train_rows:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath

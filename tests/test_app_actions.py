@@ -1,5 +1,4 @@
 """Every UI action, called as the plain function it is (no browser)."""
-import io
 import time
 from pathlib import Path
 
@@ -8,7 +7,6 @@ import pytest
 from PIL import Image
 
 from synthetic import draw_product
-from ntsnet import save_checkpoint
 from webapp import Studio, StudioError
 from webapp import actions as actions_mod
 

@@ -1,6 +1,5 @@
 import io
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -138,8 +137,8 @@ def test_quality_warnings(cat):
 
 def test_products_rename_merge_delete(cat):
     cat.add_product("Blue can", sku="4001", description="330 ml")
-    a = cat.add_image(photo(11), product="Red box")
-    b = cat.add_image(photo(12), product="Blue can")
+    cat.add_image(photo(11), product="Red box")
+    cat.add_image(photo(12), product="Blue can")
     with pytest.raises(CatalogueError, match="already exists"):
         cat.add_product("red BOX")
     cat.rename_product("Blue can", "Blue can / 330ml ü")

@@ -3,7 +3,6 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from synthetic import draw_product

@@ -3,7 +3,6 @@ lays out in the Hub's own format, and pushes are captured at the request they wo
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from synthetic import draw_product
 from ntsnet import Predictor
-from ntsnet.hub import HubError, model_card, parse_hub_ref, push_model, push_space, space_operations
+from ntsnet.hub import HubError, model_card, parse_hub_ref, push_model, push_space
 
 ROOT = Path(__file__).resolve().parents[1]
 
