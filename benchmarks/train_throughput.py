@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ntsnet import NTSConfig, create_model, nts_loss  # noqa: E402
+from ntsnet.runtime import keep_freed_memory  # noqa: E402
 
 CONFIGS = [
     ("baseline", 224, 224, 6, 4),
@@ -57,11 +58,15 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--configs", default="all", help="comma-separated row numbers (0-based) of CONFIGS to run")
     args = ap.parse_args()
+    kept = keep_freed_memory()  # as training does; NTSNET_KEEP_MALLOC=0 measures glibc's default
+    print(f"glibc keeps freed memory: {kept}")
     print(f"{args.backbone}, batch {args.batch_size}, {torch.get_num_threads()} threads; training images/s (forward + backward + SGD step)\n")
     print("| model | input | parts | fp32 img/s | bf16+CL img/s | speed-up |")
     print("|---|---|---|---|---|---|")
-    for kind, size, part, m, k in CONFIGS:
+    rows = CONFIGS if args.configs == "all" else [CONFIGS[int(i)] for i in args.configs.split(",")]
+    for kind, size, part, m, k in rows:
         a = measure(kind, size, part, m, k, "fp32", args.steps, args.batch_size, args.backbone)
         b = measure(kind, size, part, m, k, "bf16", args.steps, args.batch_size, args.backbone)
         parts = f"M={m} x {part}px" if kind == "ntsnet" else "-"

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 
 from .checkpoint import build_model, load_checkpoint
+from .fuse import inference_copy
 from .images import to_input_tensor, to_rgb_array
+from .runtime import keep_freed_memory
 
 
 @dataclass
@@ -76,26 +78,30 @@ def cpu_supports_fast_bf16(cpuinfo: str | None = None) -> bool:
 
 
 class Predictor:
-    def __init__(self, model, class_names, device="auto", precision: str = "auto"):
+    def __init__(self, model, class_names, device="auto", precision: str = "auto", fold_batchnorm: bool = True):
         self.device = resolve_device(device)
         if precision == "auto":
             precision = "bf16" if (self.device.type == "cuda" or (self.device.type == "cpu" and cpu_supports_fast_bf16())) else "fp32"
         if precision not in ("fp32", "bf16"):
             raise ValueError("precision must be 'auto', 'fp32' or 'bf16'")
         self.precision = precision
-        self.model = model.eval().to(self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        self.model = model.eval().to(self.device)  # as trained: what save_checkpoint writes
+        # what runs: the same function with BatchNorm folded into the convolutions (see fuse.py)
+        self.net = inference_copy(self.model) if fold_batchnorm else self.model
         if self.device.type == "cpu" and precision == "bf16":
             # oneDNN's bf16 convolutions are fastest in NHWC; measured in benchmarks/predict_latency.py
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.net = self.net.to(memory_format=torch.channels_last)
         self.config = model.config
         self.class_names = list(class_names)
         self.extra: dict = {}
         self.unknown_threshold: float | None = None  # max-softmax below this -> "unknown" (calibrated on val)
 
     @classmethod
-    def from_checkpoint(cls, path, device="auto", precision="auto") -> "Predictor":
+    def from_checkpoint(cls, path, device="auto", precision="auto", fold_batchnorm: bool = True) -> "Predictor":
         ckpt = load_checkpoint(path)
-        predictor = cls(build_model(ckpt), ckpt.class_names, device=device, precision=precision)
+        predictor = cls(build_model(ckpt), ckpt.class_names, device=device, precision=precision, fold_batchnorm=fold_batchnorm)
         predictor.extra = ckpt.extra
         predictor.unknown_threshold = (ckpt.extra.get("unknown_threshold") or {}).get("value")
         return predictor
@@ -123,7 +129,7 @@ class Predictor:
         if self.device.type == "cpu" and self.precision == "bf16":
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            out = self.model(x, num_parts=self.config.cat_num)
+            out = self.net(x, num_parts=self.config.cat_num)
         probs = out.concat_logits.float().softmax(dim=1).cpu()
         boxes = out.part_boxes.float().cpu()
         scores = out.part_scores.float().cpu()

@@ -168,3 +168,13 @@ def test_app_builds_and_parses_its_flags(studio):
     assert labels == ["Collect", "Label", "Train", "Recognise", "Evaluate"]
     args = app.parse_args(["--db", "x", "--port", "9999", "--auth", "a:b", "--no-capture"])
     assert args.port == 9999 and args.auth == "a:b" and args.no_capture
+
+
+def test_webcams_ask_for_modest_frames_not_gradios_1920x1440(studio):
+    import app
+
+    demo = app.build_app(studio)
+    cams = {b.label: b.webcam_options.constraints for b in demo.blocks.values()
+            if b.__class__.__name__ == "Image" and "webcam" in (b.sources or [])}
+    assert cams["Live camera"]["video"]["width"]["ideal"] == 640  # the model sees 448x448: more is wasted work
+    assert cams["Camera"]["video"]["width"]["ideal"] <= 1280

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ntsnet import NTSConfig, create_model, nts_loss, save_checkpoint
 from ntsnet.checkpoint import atomic_write
 from ntsnet.predictor import cpu_supports_fast_bf16, resolve_device
+from ntsnet.runtime import keep_freed_memory
 
 from .data import PhotoDataset, Snapshot, collate, take_snapshot
 
@@ -143,6 +144,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     precision = _choose_precision(device, cfg.precision)
+    if device.type == "cpu":
+        keep_freed_memory()  # DataLoader workers fork after this and inherit it
     channels_last = precision == "bf16" and device.type == "cpu"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 

@@ -1,0 +1,113 @@
+"""Inference speed-ups must not change answers: BatchNorm folding and the allocator setting."""
+import os
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from synthetic import draw_product
+from ntsnet import Predictor, load_checkpoint, save_checkpoint
+from ntsnet.backbones import create_backbone
+from ntsnet.fuse import find_conv_bn_pairs, fold_batchnorm
+
+
+def _randomise_bn_statistics(module: nn.Module, seed: int = 0):
+    """Fresh BatchNorms are the identity (mean 0, var 1, weight 1, bias 0): folding them proves nothing."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(c, generator=g))
+            m.bias.data.copy_(torch.randn(c, generator=g))
+    return module
+
+
+@pytest.mark.parametrize("name", ["tiny", "efficientnet_lite0"])
+def test_folding_a_backbone_keeps_its_output(name):
+    net = _randomise_bn_statistics(create_backbone(name, pretrained=False)).eval()
+    x = torch.randn(2, 3, 96, 80)  # odd sizes: TF "same" padding is asymmetric there
+    folded, n = fold_batchnorm(net, torch.randn(1, 3, 64, 64))
+    assert n == sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) > 0
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())  # the original is untouched
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+class _ConvReadTwice(nn.Module):
+    """The conv output feeds the BatchNorm and a second module: folding would change the second reader."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.side = nn.Identity()
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + self.side(y)
+
+
+class _ConvReadByFunction(nn.Module):
+    """The second read is a plain function call that no hook sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + torch.tanh(y)
+
+
+def test_a_conv_output_read_twice_is_not_folded():
+    net = _randomise_bn_statistics(_ConvReadTwice()).eval()
+    assert find_conv_bn_pairs(net, torch.randn(1, 3, 8, 8)) == []
+    folded, n = fold_batchnorm(net, torch.randn(1, 3, 8, 8))
+    assert n == 0 and isinstance(folded.bn, nn.BatchNorm2d)
+
+
+def test_a_fold_that_would_change_the_output_is_refused():
+    net = _randomise_bn_statistics(_ConvReadByFunction()).eval()
+    with pytest.raises(RuntimeError, match="changed the output"):
+        fold_batchnorm(net, torch.randn(1, 3, 8, 8))
+
+
+def test_folding_needs_eval_mode():
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train(), torch.randn(1, 3, 4, 4))
+
+
+def test_predictor_answers_the_same_folded_and_saves_the_unfolded_model(tiny_checkpoint, tmp_path):
+    folded = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32")
+    plain = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32", fold_batchnorm=False)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.net.modules())
+    rng = np.random.default_rng(5)
+    images = [draw_product(rng, n) for n in folded.class_names for _ in range(4)]
+    for a, b in zip(folded.predict_batch(images), plain.predict_batch(images)):
+        assert a.label == b.label and a.confidence == pytest.approx(b.confidence, abs=1e-4)
+        assert [round(x.x0, 1) for x in a.boxes] == [round(x.x0, 1) for x in b.boxes]
+    # the checkpoint written from a predictor keeps the trained layout (BatchNorms and all)
+    copy = tmp_path / "copy.safetensors"
+    save_checkpoint(copy, folded.model, folded.class_names)
+    assert load_checkpoint(copy).state_dict.keys() == load_checkpoint(tiny_checkpoint).state_dict.keys()
+
+
+def _keep_freed_memory_in_subprocess(env_value: str) -> str:
+    code = "from ntsnet.runtime import keep_freed_memory as k; print(k(), k())"
+    env = {**os.environ, "NTSNET_KEEP_MALLOC": env_value}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()
+
+
+def test_allocator_setting_applies_once_on_glibc_and_can_be_switched_off():
+    on_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert _keep_freed_memory_in_subprocess("1") == [str(on_glibc)] * 2
+    assert _keep_freed_memory_in_subprocess("0") == ["False", "False"]
