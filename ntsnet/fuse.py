@@ -1,8 +1,9 @@
-"""Inference-only rewrites that give the same answers faster: BatchNorm folded into the convolution before it.
+"""An inference-only rewrite that computes the same function faster: BatchNorm folded into the conv before it.
 
 In eval mode a BatchNorm is an affine map per channel, so it can be multiplied into the preceding conv's
 weights and bias. On this CPU that removes a full pass over every activation map (about a tenth of an
-NTS-Net forward pass, see ``benchmarks/predict_latency.py``). Which conv feeds which BatchNorm is not
+NTS-Net forward pass: ``python benchmarks/predict_latency.py --levers``). In fp32 the answers are the same;
+in bf16 the folded weights round differently, as much as bf16 itself moves answers from fp32. Which conv feeds which BatchNorm is not
 guessed from names: a probe forward pass records it, and a pair is folded only when the BatchNorm reads
 the conv's output directly and nothing else reads that output.
 """

@@ -2,9 +2,8 @@
 
 glibc hands every freed block over ~128 KiB back to the kernel, so each forward pass maps its activation
 buffers afresh and page-faults them in, zero-filled, one 4 KiB page at a time. PyTorch's CPU allocator
-does not cache, so on this machine that kernel work cost more than the convolutions of a Lite0 NTS-Net
-forward pass: 61 -> 44 ms for the 448 px image plus its four parts with the heap kept, measured by
-``python benchmarks/predict_latency.py --allocator``. Keeping up to 32 MiB blocks on the heap (glibc's
+does not cache, so on this machine that kernel work made a Lite0 NTS-Net frame take 79 ms instead of 59 ms
+(bf16; ``python benchmarks/predict_latency.py --levers``). Keeping blocks up to 32 MiB on the heap (glibc's
 maximum for this setting) and trimming only above 256 MiB costs at most that much idle memory.
 """
 from __future__ import annotations
