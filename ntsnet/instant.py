@@ -23,6 +23,7 @@ from .backbones import create_backbone
 from .checkpoint import atomic_write
 from .images import to_input_tensor, to_rgb_array
 from .predictor import Prediction, cpu_supports_fast_bf16
+from .runtime import keep_freed_memory
 
 INDEX_FILE = "instant_index.safetensors"
 TEMPERATURE = 20.0   # cosine similarity -> softmax sharpness for the reported confidence
@@ -34,6 +35,7 @@ class Embedder:
 
     def __init__(self, backbone: str = "efficientnet_lite0", size: int = 224):
         self.name, self.size = backbone, size
+        keep_freed_memory()  # no numeric change, see runtime.py (not folded: stored embeddings stay comparable)
         self.net = create_backbone(backbone, pretrained=True).eval()
         self.fast = cpu_supports_fast_bf16()
         if self.fast:
