@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset_tools import Catalogue, assign_splits  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 
 def make_photo(i: int) -> bytes:
@@ -28,15 +28,6 @@ def make_photo(i: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
-
-
-def timed(fn, repeat=5):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
 
 
 def main():
@@ -66,13 +57,13 @@ def main():
     t0 = time.perf_counter()
     assign_splits(cat)
     print(f"split of {args.n} photos: {time.perf_counter() - t0:.2f}s")
-    print(f"products() with per-split counts: {timed(cat.products):.0f} ms")
-    print(f"stats(): {timed(cat.stats):.0f} ms")
-    print(f"images(product=...) ({args.n // args.products} rows): {timed(lambda: cat.images(product=names[7])):.1f} ms")
-    print(f"images(split='train') ({len(cat.images(split='train'))} rows): {timed(lambda: cat.images(split='train'), 3):.0f} ms")
+    print(f"products() with per-split counts: {median_ms(cat.products, 5):.0f} ms")
+    print(f"stats(): {median_ms(cat.stats, 5):.0f} ms")
+    print(f"images(product=...) ({args.n // args.products} rows): {median_ms(lambda: cat.images(product=names[7]), 5):.1f} ms")
+    print(f"images(split='train') ({len(cat.images(split='train'))} rows): {median_ms(lambda: cat.images(split='train'), 3):.0f} ms")
     h = cat.images(limit=1, offset=args.n // 2)[0]["hash"]
-    print(f"duplicate lookup by hash: {timed(lambda: cat.find_hash(h), 50):.3f} ms")
-    print(f"verify (dry run): {timed(lambda: cat.verify(repair=False), 1):.0f} ms")
+    print(f"duplicate lookup by hash: {median_ms(lambda: cat.find_hash(h), 50):.3f} ms")
+    print(f"verify (dry run): {median_ms(lambda: cat.verify(repair=False), 1):.0f} ms")
     size = sum(p.stat().st_size for p in root.rglob('*') if p.is_file())
     print(f"catalogue size on disk: {size / 1e6:.0f} MB")
 

@@ -15,7 +15,6 @@ import os
 import subprocess
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +26,7 @@ from ntsnet.backbones import create_backbone  # noqa: E402
 from ntsnet.fuse import fold_batchnorm  # noqa: E402
 from ntsnet.images import to_input_tensor  # noqa: E402
 from ntsnet.runtime import keep_freed_memory  # noqa: E402
-
-
-def time_it(fn, runs, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+from timing import median_ms  # noqa: E402
 
 
 def plain_classifier_ms(name, size, precision, runs, frame, fold=True):
@@ -58,7 +47,7 @@ def plain_classifier_ms(name, size, precision, runs, frame, fold=True):
         with ctx():
             return head(backbone(x).float().mean((2, 3))).softmax(1)
 
-    return time_it(run, runs)
+    return median_ms(run, runs, warmup=2)
 
 
 def levers(args):
@@ -89,7 +78,7 @@ def one(args):
     out = {}
     for precision in ("bf16", "fp32"):
         p = Predictor(model, [f"c{i}" for i in range(81)], device="cpu", precision=precision, fold_batchnorm=not args.no_fold)
-        out[precision] = time_it(lambda: p.predict(frame), args.runs)
+        out[precision] = median_ms(lambda: p.predict(frame), args.runs, warmup=2)
     print(json.dumps(out))
 
 
@@ -120,12 +109,12 @@ def main():
         model = NTSNet(cfg, pretrained=False)
         classes = [f"c{i}" for i in range(81)]
         fp32 = Predictor(model, classes, device="cpu", precision="fp32")
-        nts32 = time_it(lambda: fp32.predict(frame), args.runs)
+        nts32 = median_ms(lambda: fp32.predict(frame), args.runs, warmup=2)
         state = {k: v.clone() for k, v in model.state_dict().items()}
         model16 = NTSNet(cfg, pretrained=False)
         model16.load_state_dict(state)
         bf16 = Predictor(model16, classes, device="cpu", precision="bf16")
-        nts16 = time_it(lambda: bf16.predict(frame), args.runs)
+        nts16 = median_ms(lambda: bf16.predict(frame), args.runs, warmup=2)
         frames = [np.random.default_rng(i).integers(0, 255, (480, 640, 3), dtype=np.uint8) for i in range(4)]
         agree = sum(a.label == b.label for a, b in zip(fp32.predict_batch(frames), bf16.predict_batch(frames)))
         p32 = plain_classifier_ms(name, args.input_size, "fp32", args.runs, frame)

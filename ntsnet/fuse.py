@@ -79,8 +79,8 @@ def fold_batchnorm(module: nn.Module, example: torch.Tensor, rtol: float = 1e-3)
 def inference_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy of an NTS-Net or baseline whose backbone has its BatchNorms folded; the original is
     left as it was (it is what checkpoints are saved from)."""
-    net = copy.deepcopy(model).eval()
-    param = next(net.backbone.parameters())
+    param = next(model.backbone.parameters())
     example = torch.randn(1, 3, 64, 64, device=param.device, dtype=param.dtype)
-    net.backbone, _ = fold_batchnorm(net.backbone, example)
-    return net
+    folded, _ = fold_batchnorm(model.backbone.eval(), example)  # already a copy
+    # copy the rest of the model, taking the folded backbone in place of the original instead of copying it too
+    return copy.deepcopy(model, memo={id(model.backbone): folded}).eval()
