@@ -277,17 +277,23 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
                     answer = gr.Markdown("")
                     top5 = gr.Label(label="Top 5", num_top_classes=5)
 
-        def on_recognise(frame):
-            r = studio.recognise(frame)
+        def on_recognise(frame, request: gr.Request, wait: bool = False):
+            r = studio.recognise(frame, session=request.session_hash if request else "-", wait=wait)
             if r is None:
                 return gr.skip(), gr.skip(), gr.skip()
-            title = f"## {r.label}" + (f"  \n{r.confidence:.0%} confident · model: {r.model}" if r.sure else f"  \nmodel: {r.model}")
+            if not r.fresh:  # the model is busy: newest frame, last boxes; the text and top-5 stay as they are
+                return r.annotated, gr.skip(), gr.skip()
+            how = f"model: {r.model} · {r.backend} · {r.answers_per_s:.1f} answers/s"
+            title = f"## {r.label}  \n" + (f"{r.confidence:.0%} confident · {how}" if r.sure else how)
             return r.annotated, title, r.top5 or None
 
         # the browser sends the next frame only after the answer to the last one (frames in between are dropped,
         # not queued); recognise() also drops any frame that arrives while one is being processed
         live.stream(on_recognise, [live], [annotated, answer, top5], stream_every=0.1, concurrency_limit=None, show_progress="hidden")
-        photo.change(on_recognise, [photo], [annotated, answer, top5])
+        def on_photo(image, request: gr.Request):
+            return on_recognise(image, request, wait=True)
+
+        photo.change(on_photo, [photo], [annotated, answer, top5])
         recognise_tab.select(recognise_hint, None, hint)
 
         # =========================================================================== Evaluate
@@ -328,6 +334,8 @@ def parse_args(argv=None):
     ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     ap.add_argument("--checkpoint", default=None, help="model to activate: a .safetensors file, a run name, or hf://user/repo")
+    ap.add_argument("--backend", default=os.environ.get("NTSNET_BACKEND", "auto"), choices=["auto", "torch", "openvino"],
+                    help="inference runtime: auto = OpenVINO on a CPU (compiled in the background, cached), PyTorch on a GPU")
     ap.add_argument("--auth", default=None, help="user:pass to require a login")
     ap.add_argument("--share", action="store_true", help="create a public gradio.live link")
     ap.add_argument("--no-capture", action="store_true", help="hide Collect and Label (a recognise-only demo)")
@@ -349,7 +357,7 @@ def apply_demo_mode(args, env):
 
 def main(argv=None):
     args = parse_args(argv)
-    studio = Studio(args.db, checkpoint=args.checkpoint)
+    studio = Studio(args.db, checkpoint=args.checkpoint, backend=args.backend)
     demo = build_app(studio, allow_capture=not args.no_capture, allow_training=not args.no_training)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     if args.auth and len(auth) != 2:

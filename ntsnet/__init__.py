@@ -4,6 +4,7 @@ from .backbones import PretrainedWeightsUnavailable, create_backbone, list_backb
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import NTSConfig
 from .model import BaselineClassifier, NTSNet, create_model, nts_loss, ranking_loss
+from . import compiled
 from .predictor import Box, Prediction, Predictor
 
 __all__ = [

@@ -9,12 +9,17 @@ from .checkpoint import CheckpointError
 from .images import ImageLoadError, to_rgb_array
 
 
-def _load_predictor(args):
+def _load_predictor(args, wait: bool = True):
+    """``wait``: build a missing compiled export before the first answer (it is cached for every later run)."""
     from .predictor import Predictor
 
     if args.checkpoint.startswith("hf://"):
-        return Predictor.from_pretrained(args.checkpoint, device=args.device, precision=args.precision)
-    return Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
+        predictor = Predictor.from_pretrained(args.checkpoint, device=args.device, precision=args.precision, backend=args.backend)
+    else:
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision, backend=args.backend)
+    if wait:
+        predictor.wait_for_engine()
+    return predictor
 
 
 def cmd_predict(args) -> int:
@@ -28,11 +33,11 @@ def cmd_predict(args) -> int:
             failed += 1
             continue
         if args.json:
-            print(json.dumps({"image": path, **pred.to_dict()}, ensure_ascii=False), flush=True)
+            print(json.dumps({"image": path, **pred.to_dict(), "backend": predictor.backend_name}, ensure_ascii=False), flush=True)
         else:
             top5 = ", ".join(f"{n} {p:.1%}" for n, p in pred.top5)
             boxes = " ".join(f"[{b.x0:.0f},{b.y0:.0f},{b.x1:.0f},{b.y1:.0f} s={b.score:.2f}]" for b in pred.boxes)
-            print(f"{path}: {pred.label} ({pred.confidence:.1%})\n  top-5: {top5}\n  boxes: {boxes or '-'}", flush=True)
+            print(f"{path}: {pred.label} ({pred.confidence:.1%}, {predictor.backend_name})\n  top-5: {top5}\n  boxes: {boxes or '-'}", flush=True)
     return 1 if failed else 0
 
 
@@ -56,7 +61,7 @@ def cmd_draw(args) -> int:
 def cmd_live(args) -> int:
     from .live import run_live
 
-    predictor = _load_predictor(args)
+    predictor = _load_predictor(args, wait=False)  # eager frames until the export is ready
     try:
         run_live(predictor, args.source, out_path=args.out, show=False if args.no_window else None, max_frames=args.max_frames)
     except RuntimeError as exc:
@@ -89,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", required=True, help="trained .safetensors checkpoint, or hf://user/name[@revision]")
         p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
         p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+        p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+                       help="auto: OpenVINO on a CPU (compiled once, cached beside the checkpoint), PyTorch on a GPU")
 
     p = sub.add_parser("predict", help="print label, confidence, top-5 and Navigator boxes per image")
     common(p)

@@ -33,6 +33,7 @@ class Checkpoint:
     class_names: list[str]
     state_dict: dict[str, torch.Tensor]
     extra: dict = field(default_factory=dict)  # metrics, training data size, threshold ... (JSON-able)
+    sha256: str = ""                            # of the tensors: identifies the weights (compiled-export cache key)
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -115,7 +116,7 @@ def load_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"{path} has a damaged header: {exc}") from None
     if len(class_names) != config.num_classes:
         raise CheckpointError(f"{path}: {len(class_names)} class names but the config says {config.num_classes} classes")
-    return Checkpoint(config, class_names, tensors, extra)
+    return Checkpoint(config, class_names, tensors, extra, meta["sha256"])
 
 
 def build_model(ckpt: Checkpoint):

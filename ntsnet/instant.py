@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import threading
 import time
 from pathlib import Path
 
@@ -25,21 +27,50 @@ from .images import to_input_tensor, to_rgb_array
 from .predictor import Prediction, cpu_supports_fast_bf16
 from .runtime import keep_freed_memory
 
+log = logging.getLogger("ntsnet")
+
 INDEX_FILE = "instant_index.safetensors"
 TEMPERATURE = 20.0   # cosine similarity -> softmax sharpness for the reported confidence
 SAVE_EVERY_S = 5.0   # captures in a burst share one write of the index file
 
 
 class Embedder:
-    """Frozen pretrained backbone -> L2-normalised pooled feature."""
+    """Frozen pretrained backbone -> L2-normalised pooled feature. On a CPU the pooled backbone runs compiled
+    (OpenVINO, built once into the user cache in a background thread; eager PyTorch answers until then)."""
 
-    def __init__(self, backbone: str = "efficientnet_lite0", size: int = 224):
+    def __init__(self, backbone: str = "efficientnet_lite0", size: int = 224, backend: str = "auto", background: bool = True):
+        from . import compiled
+
         self.name, self.size = backbone, size
         keep_freed_memory()  # no numeric change, see runtime.py (not folded: stored embeddings stay comparable)
         self.net = create_backbone(backbone, pretrained=True).eval()
         self.fast = cpu_supports_fast_bf16()
-        if self.fast:
-            self.net = self.net.to(memory_format=torch.channels_last)
+        self.net = self.net.to(memory_format=torch.channels_last)  # faster on oneDNN in fp32 and bf16 alike
+        self.graphs = None
+        self._thread = None
+        if compiled.resolve_backend(backend, torch.device("cpu")) == "openvino":
+            key = compiled.state_key(self.net, "embedder", size)
+
+            def build():
+                try:
+                    self.graphs = compiled.embedder_graphs(self.net, size, key)
+                except Exception as exc:  # eager PyTorch keeps answering
+                    log.warning("ntsnet: compiled embedder unavailable (%s); using eager PyTorch", str(exc).splitlines()[0] if str(exc) else exc)
+
+            if background:
+                self._thread = threading.Thread(target=build, name="ntsnet-embedder-export", daemon=True)
+                self._thread.start()
+            else:
+                build()
+
+    @property
+    def backend_name(self) -> str:
+        return "openvino" if self.graphs is not None else ("torch bf16" if self.fast else "torch fp32")
+
+    def wait_for_engine(self, timeout: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.graphs is not None
 
     @torch.inference_mode()
     def __call__(self, images) -> np.ndarray:
@@ -47,13 +78,15 @@ class Embedder:
         if not arrays:
             return np.zeros((0, self.net.out_channels), np.float32)
         out = []
+        graphs = self.graphs
         for start in range(0, len(arrays), 32):
             x = to_input_tensor(arrays[start:start + 32], self.size, self.net.mean, self.net.std)
-            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.fast else contextlib.nullcontext()
-            if self.fast:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with ctx:
-                f = self.net(x).float().mean((2, 3))
+            if graphs is not None:
+                f = graphs.run("pooled", x)[0]
+            else:
+                ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.fast else contextlib.nullcontext()
+                with ctx:
+                    f = self.net(x.contiguous(memory_format=torch.channels_last)).float().mean((2, 3))
             out.append(torch.nn.functional.normalize(f, dim=1).numpy())
         return np.concatenate(out)
 

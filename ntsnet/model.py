@@ -74,18 +74,37 @@ class NTSNet(nn.Module):
     def std(self):
         return self.backbone.std
 
-    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def whole_and_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole-image feature (B, C) and the Navigator's score of every anchor (B, A): the first of the two
+        backbone passes, and what a compiled engine exports as one graph."""
         fmap = self.backbone(x)
-        return fmap, fmap.float().mean((2, 3))
+        # The Navigator learns only from the ranking loss; detaching keeps L_I out of the backbone (reference design).
+        return fmap.float().mean((2, 3)), self.navigator(fmap.detach()).float()
 
-    def crop_parts(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """All B*P crops in one batched roi_align; outside the image reads as 0 (the reference zero-pads)."""
+    def part_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """Pooled features (N, C) of part crops: the second backbone pass, the other exported graph."""
+        return self.backbone(crops).float().mean((2, 3))
+
+    @staticmethod
+    def rois(boxes: torch.Tensor) -> torch.Tensor:
+        """(B, P, 4) boxes -> (B*P, 5) rows of (image index, x0, y0, x1, y1), the form roi_align takes."""
         b, p, _ = boxes.shape
-        rois = torch.cat([torch.arange(b, device=x.device, dtype=boxes.dtype).repeat_interleave(p)[:, None], boxes.reshape(-1, 4)], dim=1)
+        index = torch.arange(b, device=boxes.device, dtype=boxes.dtype).repeat_interleave(p)[:, None]
+        return torch.cat([index, boxes.reshape(-1, 4)], dim=1)
+
+    def crop_parts(self, x: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """All B*P crops in one batched roi_align; outside the image reads as 0 (the reference zero-pads)."""
         size = self.config.part_size
         return roi_align(x, rois.to(x.dtype), output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
 
-    def forward(self, x: torch.Tensor, num_parts: int | None = None) -> NTSOutput:
+    def box_features(self, x: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B*P, C) of the boxes' crops: the second backbone pass, crops included, which is
+        what a compiled engine exports as its second graph."""
+        return self.part_features(self.crop_parts(x, rois))
+
+    def forward(self, x: torch.Tensor, num_parts: int | None = None, engine=None) -> NTSOutput:
+        """``engine``: an object with ``whole_and_scores`` and ``box_features`` computing the same functions
+        elsewhere (a compiled runtime, see compiled.py); NMS, crops and heads stay here, so both share this code."""
         cfg = self.config
         if num_parts is None:
             num_parts = cfg.proposal_num if self.training else cfg.cat_num
@@ -93,11 +112,10 @@ class NTSNet(nn.Module):
             raise ValueError(f"need at least K={cfg.cat_num} parts, got num_parts={num_parts}")
         if tuple(x.shape[-2:]) != (cfg.input_size, cfg.input_size):
             raise ValueError(f"expected input {cfg.input_size}x{cfg.input_size}, got {tuple(x.shape[-2:])}")
+        engine = engine or self
         b = x.shape[0]
-        fmap, whole = self._features(x)
+        whole, scores = engine.whole_and_scores(x)
         raw_logits = self.raw_head(self.dropout(whole))
-        # The Navigator learns only from the ranking loss; detaching keeps L_I out of the backbone (reference design).
-        scores = self.navigator(fmap.detach()).float()
         if scores.shape[1] != self.num_anchors:
             raise RuntimeError(f"Navigator produced {scores.shape[1]} scores for {self.num_anchors} anchors")
         index = select_proposals(scores, self.anchors, num_parts, cfg.nms_iou)
@@ -106,9 +124,7 @@ class NTSNet(nn.Module):
         if num_parts == 0:
             empty = whole.new_zeros(b, 0, cfg.num_classes)
             return NTSOutput(raw_logits, self.scrutinizer_head(self.dropout(whole)), empty, part_scores, boxes, index)
-        parts = self.crop_parts(x, boxes)
-        _, part_feat = self._features(parts)
-        part_feat = part_feat.view(b, num_parts, -1)
+        part_feat = engine.box_features(x, self.rois(boxes)).view(b, num_parts, -1)
         part_logits = self.teacher_head(self.dropout(part_feat))
         concat = torch.cat([part_feat[:, : cfg.cat_num].flatten(1), whole], dim=1)
         concat_logits = self.scrutinizer_head(self.dropout(concat))
@@ -131,8 +147,12 @@ class BaselineClassifier(nn.Module):
     mean = NTSNet.mean
     std = NTSNet.std
 
-    def forward(self, x: torch.Tensor, num_parts: int | None = None) -> NTSOutput:
-        logits = self.raw_head(self.dropout(self.backbone(x).float().mean((2, 3))))
+    def whole_and_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.backbone(x).float().mean((2, 3)), None
+
+    def forward(self, x: torch.Tensor, num_parts: int | None = None, engine=None) -> NTSOutput:
+        whole, _ = (engine or self).whole_and_scores(x)
+        logits = self.raw_head(self.dropout(whole))
         b = x.shape[0]
         none = logits.new_zeros(b, 0)
         return NTSOutput(logits, logits, logits.new_zeros(b, 0, logits.shape[1]), none, logits.new_zeros(b, 0, 4), none.long())

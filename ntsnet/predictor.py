@@ -7,16 +7,21 @@ are cropped and encoded: the Teacher's other M-K parts cost time during training
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import compiled
 from .checkpoint import build_model, load_checkpoint
 from .fuse import inference_copy
 from .images import to_input_tensor, to_rgb_array
 from .runtime import keep_freed_memory
+
+log = logging.getLogger("ntsnet")
 
 
 @dataclass
@@ -78,8 +83,14 @@ def cpu_supports_fast_bf16(cpuinfo: str | None = None) -> bool:
 
 
 class Predictor:
-    def __init__(self, model, class_names, device="auto", precision: str = "auto", fold_batchnorm: bool = True):
+    """``backend``: 'auto' (OpenVINO on a CPU where it is installed, else PyTorch), 'torch' or 'openvino'.
+    The compiled export is built in a background thread when it is not cached yet (``background=False`` waits
+    for it); until it is ready, and whenever it cannot be had, eager PyTorch answers: same code, same model."""
+
+    def __init__(self, model, class_names, device="auto", precision: str = "auto", fold_batchnorm: bool = True,
+                 backend: str = "auto", checkpoint_path=None, weights_key: str | None = None, background: bool = True):
         self.device = resolve_device(device)
+        requested_precision = precision
         if precision == "auto":
             precision = "bf16" if (self.device.type == "cuda" or (self.device.type == "cpu" and cpu_supports_fast_bf16())) else "fp32"
         if precision not in ("fp32", "bf16"):
@@ -90,29 +101,86 @@ class Predictor:
         self.model = model.eval().to(self.device)  # as trained: what save_checkpoint writes
         # what runs: the same function with BatchNorm folded into the convolutions (see fuse.py)
         self.net = inference_copy(self.model) if fold_batchnorm else self.model
-        if self.device.type == "cpu" and precision == "bf16":
-            # oneDNN's bf16 convolutions are fastest in NHWC; measured in benchmarks/predict_latency.py
+        if self.device.type == "cpu":
+            # oneDNN's convolutions are faster in NHWC, in fp32 too (1.2x for Lite0 on AVX2; benchmarks/inference_backends.py)
             self.net = self.net.to(memory_format=torch.channels_last)
         self.config = model.config
         self.class_names = list(class_names)
         self.extra: dict = {}
         self.unknown_threshold: float | None = None  # max-softmax below this -> "unknown" (calibrated on val)
+        self.engine = None                            # a compiled engine once ready (compiled.CompiledNTS)
+        self.backend = compiled.resolve_backend(backend, self.device)
+        self.build_error: str | None = None
+        self._build_thread: threading.Thread | None = None
+        if self.backend == "openvino":
+            key = weights_key or compiled.state_key(self.model, "fold" if fold_batchnorm else "")
+            self._start_engine(checkpoint_path, key, requested_precision, background)
+
+    def _start_engine(self, checkpoint_path, key, precision, background):
+        def build():
+            try:
+                self.engine = compiled.load_or_build(self.net, checkpoint_path, key, precision=precision)
+            except Exception as exc:  # any failure leaves eager PyTorch answering
+                self.build_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                log.warning("ntsnet: compiled inference unavailable (%s); answering with eager PyTorch", self.build_error)
+
+        try:
+            self.engine = compiled.load_or_build(self.net, checkpoint_path, key, precision=precision, build=False)
+        except compiled.BackendUnavailable as exc:
+            self.build_error = str(exc)
+            log.warning("ntsnet: %s; answering with eager PyTorch", exc)
+            return
+        except Exception as exc:
+            self.build_error = str(exc)
+        if self.engine is None:
+            if background:
+                self._build_thread = threading.Thread(target=build, name="ntsnet-openvino-export", daemon=True)
+                self._build_thread.start()
+            else:
+                build()
+
+    def wait_for_engine(self, timeout: float | None = None) -> bool:
+        """Block until a background export finished; True when the compiled engine answers."""
+        if self._build_thread is not None:
+            self._build_thread.join(timeout)
+        return self.engine is not None
+
+    @property
+    def backend_name(self) -> str:
+        """What answers right now, for people: 'openvino', 'torch fp32 (openvino building)', 'torch bf16' ..."""
+        if self.engine is not None:
+            return self.engine.name
+        name = f"torch {self.precision}"
+        if self._build_thread is not None and self._build_thread.is_alive():
+            return name + " (openvino building)"
+        return name
 
     @classmethod
-    def from_checkpoint(cls, path, device="auto", precision="auto", fold_batchnorm: bool = True) -> "Predictor":
+    def from_checkpoint(cls, path, device="auto", precision="auto", fold_batchnorm: bool = True, backend: str = "auto",
+                        background: bool = True) -> "Predictor":
         ckpt = load_checkpoint(path)
-        predictor = cls(build_model(ckpt), ckpt.class_names, device=device, precision=precision, fold_batchnorm=fold_batchnorm)
+        predictor = cls(build_model(ckpt), ckpt.class_names, device=device, precision=precision, fold_batchnorm=fold_batchnorm,
+                        backend=backend, checkpoint_path=Path(path), weights_key=f"{ckpt.sha256}-fold{int(fold_batchnorm)}",
+                        background=background)
         predictor.extra = ckpt.extra
         predictor.unknown_threshold = (ckpt.extra.get("unknown_threshold") or {}).get("value")
         return predictor
 
     @classmethod
-    def from_pretrained(cls, repo_id: str, revision: str | None = None, cache_dir=None, token=None, device="auto", precision="auto") -> "Predictor":
+    def from_pretrained(cls, repo_id: str, revision: str | None = None, cache_dir=None, token=None, device="auto", precision="auto",
+                        backend: str = "auto") -> "Predictor":
         """Load a model pushed with ``python -m ntsnet push`` ('user/name', optionally 'user/name@revision')."""
         from .hub import download, parse_hub_ref
 
         repo, rev = parse_hub_ref(repo_id)
-        return cls.from_checkpoint(download(repo, revision or rev, cache_dir=cache_dir, token=token), device=device, precision=precision)
+        path = download(repo, revision or rev, cache_dir=cache_dir, token=token)
+        ckpt = load_checkpoint(path)
+        # the export goes to the user cache, not into the Hub's snapshot folder
+        predictor = cls(build_model(ckpt), ckpt.class_names, device=device, precision=precision, backend=backend,
+                        weights_key=f"{ckpt.sha256}-fold1")
+        predictor.extra = ckpt.extra
+        predictor.unknown_threshold = (ckpt.extra.get("unknown_threshold") or {}).get("value")
+        return predictor
 
     def _autocast(self):
         if self.precision == "bf16":
@@ -126,10 +194,14 @@ class Predictor:
             return []
         size = self.config.input_size
         x = to_input_tensor(arrays, size, self.model.mean, self.model.std).to(self.device)
-        if self.device.type == "cpu" and self.precision == "bf16":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            out = self.net(x, num_parts=self.config.cat_num)
+        engine = self.engine  # read once: a background build may swap it in between frames
+        if engine is not None:
+            out = self.net(x, num_parts=self.config.cat_num, engine=engine)
+        else:
+            if self.device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                out = self.net(x, num_parts=self.config.cat_num)
         probs = out.concat_logits.float().softmax(dim=1).cpu()
         boxes = out.part_boxes.float().cpu()
         scores = out.part_scores.float().cpu()

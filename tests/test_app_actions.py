@@ -134,11 +134,33 @@ def test_unsure_frames_say_so(studio, tiny_checkpoint, monkeypatch):
     assert not r.sure and r.label.startswith("Not sure")
 
 
-def test_frames_arriving_while_busy_are_dropped(studio, tiny_checkpoint):
+def test_frames_arriving_while_busy_show_the_last_answer_not_a_queue(studio, tiny_checkpoint):
     studio.set_active_model(str(tiny_checkpoint))
     with studio._busy:
-        assert studio.recognise(shot(2)) is None
-    assert studio.recognise(shot(2)) is not None
+        assert studio.recognise(shot(2), session="a") is None  # nothing answered yet for this session: dropped
+    first = studio.recognise(shot(2), session="a")
+    assert first is not None and first.fresh and first.backend
+    newest = shot(3)
+    with studio._busy:  # the model is busy: the newest frame comes back at once with session a's last boxes
+        stale = studio.recognise(newest, session="a")
+        assert studio.recognise(newest, session="b") is None  # another visitor never sees a's answer
+    assert not stale.fresh and stale.label == first.label
+    assert stale.annotated.shape == np.asarray(newest).shape
+    assert not np.array_equal(stale.annotated, first.annotated)  # drawn on the new frame
+
+
+def test_live_answers_forget_idle_sessions(monkeypatch):
+    live = actions_mod.LiveAnswers(keep_seconds=60, max_sessions=3)
+    clock = [1000.0]
+    monkeypatch.setattr(actions_mod.time, "monotonic", lambda: clock[0])
+    for i in range(5):
+        live.answered(f"s{i}", ("answer", i), 0.01)
+        clock[0] += 1
+    assert live.sessions() == 3 and live.last("s0") is None and live.last("s4") == ("answer", 4)
+    clock[0] += 120
+    assert live.last("s4") is None
+    live.answered("new", ("answer", 9), 0.01)
+    assert live.sessions() == 1
 
 
 def test_cancel_from_the_app(studio):

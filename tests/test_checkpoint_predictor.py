@@ -11,10 +11,10 @@ from ntsnet.checkpoint import build_model
 
 
 def test_round_trip_gives_identical_predictions(tiny_checkpoint, tmp_path, rng):
-    p1 = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32")
+    p1 = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32", backend="torch")
     copy = tmp_path / "copy.safetensors"
     save_checkpoint(copy, p1.model, p1.class_names, extra=p1.extra)
-    p2 = Predictor.from_checkpoint(copy, precision="fp32")
+    p2 = Predictor.from_checkpoint(copy, precision="fp32", backend="torch")
     images = [draw_product(rng, name) for name in p1.class_names]
     for a, b in zip(p1.predict_batch(images), p2.predict_batch(images)):
         assert a.to_dict() == b.to_dict()
@@ -24,15 +24,15 @@ def test_round_trip_gives_identical_predictions(tiny_checkpoint, tmp_path, rng):
 
 
 def test_predictor_recognises_the_synthetic_products(tiny_checkpoint):
-    pred = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32")
+    pred = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32", backend="torch")
     rng = np.random.default_rng(7)
     correct = sum(pred.predict(draw_product(rng, name)).label == name for name in pred.class_names for _ in range(10))
     assert correct >= 27  # of 30 unseen images
 
 
 def test_bf16_fast_path_agrees_with_fp32_on_top1(tiny_checkpoint):
-    fp32 = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", precision="fp32")
-    bf16 = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", precision="bf16")
+    fp32 = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", precision="fp32", backend="torch")
+    bf16 = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", precision="bf16", backend="torch")
     rng = np.random.default_rng(11)
     images = [draw_product(rng, n) for n in fp32.class_names for _ in range(8)]
     a, b = fp32.predict_batch(images), bf16.predict_batch(images)
@@ -57,7 +57,7 @@ def test_boxes_are_inside_the_original_image(tiny_checkpoint, shape):
 
 def test_boxes_follow_the_object_scale(tiny_checkpoint):
     """A box in resized-input pixels must land at the same relative place in the original frame."""
-    pred = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32")
+    pred = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32", backend="torch")
     img = draw_product(np.random.default_rng(3), "red-box")
     small = pred.predict(img)
     big = pred.predict(np.array(Image.fromarray(img).resize((96 * 4, 96 * 2), Image.NEAREST)))

@@ -86,8 +86,8 @@ def test_folding_needs_eval_mode():
 
 
 def test_predictor_answers_the_same_folded_and_saves_the_unfolded_model(tiny_checkpoint, tmp_path):
-    folded = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32")
-    plain = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32", fold_batchnorm=False)
+    folded = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32", backend="torch")
+    plain = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32", fold_batchnorm=False, backend="torch")
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.net.modules())
     rng = np.random.default_rng(5)
     images = [draw_product(rng, n) for n in folded.class_names for _ in range(4)]

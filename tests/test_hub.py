@@ -45,8 +45,8 @@ def test_from_pretrained_offline_from_the_cache(hub_cache, tiny_checkpoint):
     import huggingface_hub.constants as c
 
     assert c.HF_HUB_OFFLINE  # conftest sets HF_HUB_OFFLINE=1 before huggingface_hub is imported
-    local = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32")
-    hub = Predictor.from_pretrained("shop/shelf", cache_dir=hub_cache, precision="fp32")
+    local = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32", backend="torch")
+    hub = Predictor.from_pretrained("shop/shelf", cache_dir=hub_cache, precision="fp32", backend="torch")
     img = draw_product(np.random.default_rng(0), "green-pack")
     assert hub.predict(img).to_dict() == local.predict(img).to_dict()
     pinned = Predictor.from_pretrained(f"shop/shelf@{COMMIT}", cache_dir=hub_cache)  # revision pinning

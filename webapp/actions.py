@@ -35,17 +35,59 @@ class Recognition:
     top5: dict[str, float]
     sure: bool
     model: str                       # which model answered
+    backend: str = ""                # what ran it: openvino, torch fp32 ...
+    answers_per_s: float = 0.0       # the model's own answer rate over the last seconds (all sessions)
+    fresh: bool = True               # False: the newest frame drawn with the last answer while the model was busy
+
+
+class LiveAnswers:
+    """Each live session's last answer (kept for a minute after its last frame, so a closed tab's memory goes)
+    and the model's recent answer rate."""
+
+    def __init__(self, keep_seconds: float = 60.0, max_sessions: int = 256):
+        self.keep, self.max = keep_seconds, max_sessions
+        self._last: dict[str, tuple[float, tuple]] = {}
+        self._times: list[float] = []
+        self._lock = threading.Lock()
+
+    def answered(self, session: str, answer: tuple, seconds: float):
+        now = time.monotonic()
+        with self._lock:
+            self._last[session] = (now, answer)
+            self._times = [t for t in self._times if now - t < 5.0] + [now]
+            if len(self._last) > self.max or any(now - t > self.keep for t, _ in self._last.values()):
+                live = sorted(((t, k) for k, (t, _) in self._last.items() if now - t <= self.keep), reverse=True)[: self.max]
+                self._last = {k: self._last[k] for _, k in live}
+
+    def last(self, session: str):
+        with self._lock:
+            hit = self._last.get(session)
+        return None if hit is None or time.monotonic() - hit[0] > self.keep else hit[1]
+
+    def rate(self) -> float:
+        with self._lock:
+            now = time.monotonic()
+            recent = [t for t in self._times if now - t < 5.0]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
+
+    def sessions(self) -> int:
+        with self._lock:
+            return len(self._last)
 
 
 class Studio:
-    def __init__(self, db, checkpoint: str | None = None):
+    def __init__(self, db, checkpoint: str | None = None, backend: str = "auto"):
         self.db = Path(db)
+        self.backend = backend
         self.catalogue = Catalogue(self.db)
         self._predictor = None
         self._predictor_path = None
         self._lock = threading.Lock()
         self._busy = threading.Lock()
         self._instant = None
+        self._live = LiveAnswers()
         if checkpoint:
             self.set_active_model(checkpoint)
 
@@ -293,14 +335,13 @@ class Studio:
             self._predictor, self._predictor_path = predictor, str(checkpoint)
         return f"Active model: {Path(str(checkpoint)).parent.name or checkpoint} ({len(predictor.class_names)} products)."
 
-    @staticmethod
-    def _load(checkpoint: str):
+    def _load(self, checkpoint: str):
         from ntsnet import CheckpointError, Predictor
 
         try:
             if str(checkpoint).startswith("hf://"):
-                return Predictor.from_pretrained(str(checkpoint)[5:])
-            return Predictor.from_checkpoint(checkpoint)
+                return Predictor.from_pretrained(str(checkpoint)[5:], backend=self.backend)
+            return Predictor.from_checkpoint(checkpoint, backend=self.backend)
         except (CheckpointError, OSError, ValueError) as exc:
             raise StudioError(f"Cannot load model {checkpoint}: {exc}") from None
 
@@ -314,34 +355,51 @@ class Studio:
             return self._predictor
 
     # -------------------------------------------------------------------------------- recognise
-    def recognise(self, frame) -> Recognition | None:
-        """One frame in, the annotated frame and the answer out. Returns None when busy (the frame is dropped)."""
+    def _answerer(self):
+        """(predictor, model name, backend name) that answers now: the active trained model, else the instant one."""
+        predictor = self.predictor()
+        if predictor is not None:
+            return predictor, Path(self._predictor_path or "").parent.name or "model", getattr(predictor, "backend_name", "torch")
+        if self.instant.ready():
+            return (self.instant, f"instant (prototypes of {len(self.instant.index.labels)} photos)",
+                    self.instant.embedder.backend_name if self.instant._embedder is not None else "torch")
+        return None, "none", ""
+
+    def recognise(self, frame, session: str = "-", wait: bool = False) -> Recognition | None:
+        """One frame in, the annotated frame and the answer out.
+
+        While the model is busy with an earlier frame, the newest frame is shown with that session's last answer
+        and boxes (marked not fresh) instead of stalling or queueing; None when there is no answer to show yet.
+        ``wait``: a single photo rather than a stream, answered when the model is free."""
         if frame is None:
             return None
-        if not self._busy.acquire(blocking=False):
-            return None  # a frame is being processed: drop this one rather than queue it
+        rgb = np.asarray(frame)
+        if not self._busy.acquire(blocking=wait):
+            last = self._live.last(session)
+            return None if last is None else self._present(rgb, *last, fresh=False)
         try:
-            rgb = np.asarray(frame)
-            predictor, model = self.predictor(), Path(self._predictor_path or "").parent.name or "model"
-            if predictor is None and self.instant.ready():
-                predictor, model = self.instant, f"instant (prototypes of {len(self.instant.index.labels)} photos)"
+            predictor, model, backend = self._answerer()
             if predictor is None:
                 return Recognition(rgb, "No model yet: collect photos of at least two products (the instant model is ready after "
                                    "the first few), or train one (Train tab).", 0.0, {}, False, "none")
             t0 = time.perf_counter()
             pred = predictor.predict(rgb)
-            fps = 1.0 / max(time.perf_counter() - t0, 1e-6)
-            sure = pred.confidence >= UNSURE_BELOW and not pred.unknown
-            if pred.unknown:
-                label, banner = f"Not in the catalogue (closest: {pred.best_guess})", "unknown product"
-            elif not sure:
-                label, banner = f"Not sure (best guess {pred.label}, {pred.confidence:.0%})", f"not sure: {pred.label}?"
-            else:
-                label, banner = pred.label, None
-            annotated = draw_prediction(rgb, pred, fps=fps, label=banner)
-            return Recognition(annotated, label, pred.confidence, dict(pred.top5), sure, model)
+            self._live.answered(session, (pred, model, backend), time.perf_counter() - t0)
+            return self._present(rgb, pred, model, backend, fresh=True)
         finally:
             self._busy.release()
+
+    def _present(self, rgb, pred, model, backend, fresh: bool) -> Recognition:
+        sure = pred.confidence >= UNSURE_BELOW and not pred.unknown
+        if pred.unknown:
+            label, banner = f"Not in the catalogue (closest: {pred.best_guess})", "unknown product"
+        elif not sure:
+            label, banner = f"Not sure (best guess {pred.label}, {pred.confidence:.0%})", f"not sure: {pred.label}?"
+        else:
+            label, banner = pred.label, None
+        annotated = draw_prediction(rgb, pred, fps=self._live.rate(), label=banner)
+        return Recognition(annotated, label, pred.confidence, dict(pred.top5), sure, model, backend=backend,
+                           answers_per_s=self._live.rate(), fresh=fresh)
 
     # --------------------------------------------------------------------------------- evaluate
     def evaluate(self, split: str = "test", progress: bool = False, unknown_products=()) -> dict:
