@@ -94,9 +94,9 @@ def test_train_through_the_job_runner_then_recognise_and_evaluate(studio):
     fill(studio)
     ok, _ = studio.training_readiness()
     assert ok
-    run = studio.start_training("tiny", epochs=12, cat_num=2, input_size=96, lr=0.05, batch_size=8)
+    run = studio.start_training("tiny", recipe="paper", epochs=12, cat_num=2, input_size=96, lr=0.05, batch_size=8)
     with pytest.raises(StudioError, match="already running"):
-        studio.start_training("tiny", epochs=1, input_size=96)
+        studio.start_training("tiny", recipe="paper", epochs=1, input_size=96)
     deadline = time.time() + 240
     while time.time() < deadline and studio.current_run()["alive"]:
         time.sleep(0.5)
@@ -165,7 +165,7 @@ def test_live_answers_forget_idle_sessions(monkeypatch):
 
 def test_cancel_from_the_app(studio):
     fill(studio, n=6)
-    studio.start_training("tiny", epochs=500, input_size=96, lr=0.05)
+    studio.start_training("tiny", recipe="paper", epochs=500, input_size=96, lr=0.05)
     deadline = time.time() + 120
     while time.time() < deadline and studio.current_run()["progress"].get("state") != "running":
         time.sleep(0.2)

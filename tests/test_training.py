@@ -19,7 +19,7 @@ from training.evaluate import apply_condition, compute_metrics, evaluate
 from training.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_ARGS = ["--backbone", "tiny", "--no-pretrained", "--input-size", "96", "--part-size", "48", "--proposal-num", "4",
+TINY_ARGS = ["--recipe", "paper", "--backbone", "tiny", "--no-pretrained", "--input-size", "96", "--part-size", "48", "--proposal-num", "4",
              "--cat-num", "2", "--batch-size", "8", "--lr", "0.05", "--workers", "0", "--precision", "fp32"]
 
 
@@ -96,11 +96,11 @@ def test_kill_9_then_same_command_resumes_to_the_same_result(catalogue, tmp_path
 
 def test_cancel_through_the_job_runner(catalogue, tmp_path):
     run = tmp_path / "job"
-    st = jobs.start(catalogue, out=run, epochs=500, backbone="tiny", pretrained=False, input_size=96, part_size=48,
+    st = jobs.start(catalogue, out=run, recipe="paper", epochs=500, backbone="tiny", pretrained=False, input_size=96, part_size=48,
                     proposal_num=4, cat_num=2, workers=0, lr=0.05)
     assert st["alive"]
     with pytest.raises(jobs.JobError, match="already running"):
-        jobs.start(catalogue, out=tmp_path / "second", epochs=1, backbone="tiny", pretrained=False)
+        jobs.start(catalogue, out=tmp_path / "second", recipe="paper", epochs=1, backbone="tiny", pretrained=False)
     deadline = time.time() + 120
     while time.time() < deadline and jobs.status(run)["progress"].get("state") != "running":
         time.sleep(0.1)

@@ -12,42 +12,68 @@ from .train import TrainConfig
 
 
 def _add_train_args(p, with_db_out=True):
+    """Every default is None here and filled in by the recipe's own config (TrainConfig or ProgressiveConfig),
+    so a flag given on the command line can be told from one that was not."""
     d = TrainConfig()
     if with_db_out:
-        p.add_argument("--db", default=d.db, help="catalogue directory")
+        p.add_argument("--db", default=None, help="catalogue directory (default: data)")
         p.add_argument("--out", required=True, help="run directory (checkpoints, metrics)")
-    p.add_argument("--model", choices=["ntsnet", "baseline"], default=d.model)
-    p.add_argument("--backbone", default=d.backbone, help="resnet50 | efficientnet_lite0/1/2 | tiny")
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="train from random weights on purpose")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--input-size", type=int, default=d.input_size)
-    p.add_argument("--part-size", type=int, default=d.part_size)
-    p.add_argument("--proposal-num", type=int, default=d.proposal_num, help="M")
-    p.add_argument("--cat-num", type=int, default=d.cat_num, help="K")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--max-minutes", type=float, default=None, help="training-time budget")
-    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"])
-    p.add_argument("--workers", type=int, default=d.workers)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--max-train-images", type=int, default=None)
-    p.add_argument("--exclude-products", default="", help="comma-separated products to hold out (open-set evaluation)")
-    p.add_argument("--init-from", default="", help="start from this checkpoint's weights (e.g. a fine-tuned baseline)")
+    p.add_argument("--model", choices=["ntsnet", "baseline"], default=None, help=f"paper recipe (default {d.model})")
+    p.add_argument("--backbone", default=None, help=f"resnet50 | efficientnet_lite0/1/2 | tiny (default {d.backbone})")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None, help="train from random weights on purpose")
+    p.add_argument("--epochs", type=int, default=None, help=f"paper recipe (default {d.epochs})")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--input-size", type=int, default=None, help="paper: 448; progressive: 224 on a CPU, 448 on a GPU")
+    p.add_argument("--part-size", type=int, default=None, help="paper recipe")
+    p.add_argument("--proposal-num", type=int, default=None, help="M (6)")
+    p.add_argument("--cat-num", type=int, default=None, help="K (4)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--momentum", type=float, default=None, help="paper recipe")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--label-smoothing", type=float, default=None)
+    p.add_argument("--max-minutes", type=float, default=None, help="time budget (progressive default: 3 min + 1 per 100 photos, at most 30)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-train-images", type=int, default=None, help="paper recipe")
+    p.add_argument("--exclude-products", default=None, help="comma-separated products to hold out (open-set evaluation)")
+    p.add_argument("--init-from", default=None, help="paper recipe: start from this checkpoint's weights (e.g. a fine-tuned baseline)")
+
+
+PAPER_ONLY = ("model", "epochs", "part_size", "momentum", "max_train_images", "init_from")
+
+
+def _given(args) -> dict:
+    return {k: v for k, v in vars(args).items() if v is not None}
 
 
 def _train_config(args, **override) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{**{k: v for k, v in vars(args).items() if k in names}, **override})
+    return TrainConfig(**{**{k: v for k, v in _given(args).items() if k in names}, **override})
+
+
+def _progressive_config(args):
+    from .progressive import ProgressiveConfig
+
+    given = _given(args)
+    paper = sorted(k for k in PAPER_ONLY if k in given)
+    if paper:
+        raise DataError(f"--{paper[0].replace('_', '-')} belongs to the paper's recipe: add --recipe paper "
+                        "(the default recipe plans its stages from --max-minutes)")
+    names = {f.name for f in fields(ProgressiveConfig)}
+    return ProgressiveConfig(**{k: v for k, v in given.items() if k in names})
 
 
 def cmd_train(args):
-    from .train import train
+    if args.recipe == "paper":
+        from .train import train
 
-    summary = train(_train_config(args))
+        summary = train(_train_config(args))
+        return 0 if summary["state"] == "finished" else 1
+    from .progressive import train_progressive
+
+    summary = train_progressive(_progressive_config(args))
     return 0 if summary["state"] == "finished" else 1
 
 
@@ -78,7 +104,7 @@ def cmd_jobs(args):
     from . import jobs
 
     if args.action == "start":
-        st = jobs.start(args.db, out=args.out, epochs=args.epochs, backbone=args.backbone, max_minutes=args.max_minutes,
+        st = jobs.start(args.db, out=args.out, backbone=args.backbone, max_minutes=args.max_minutes,
                         cat_num=args.cat_num, input_size=args.input_size)
         print(f"started {st['name']} (pid {st['pid']}); follow with: python -m training jobs status {st['run_dir']}")
     elif args.action == "status":
@@ -98,8 +124,15 @@ def cmd_jobs(args):
 def build_parser():
     ap = argparse.ArgumentParser(prog="python -m training", description="Train and evaluate NTS-Net on a catalogue.")
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train (resumes automatically when RUN_DIR has a saved epoch)")
+    p = sub.add_parser("train", help="train: progressive stages by default, each made active only if it is better")
     _add_train_args(p)
+    p.add_argument("--recipe", choices=["progressive", "paper"], default="progressive",
+                   help="progressive (linear -> fine-tune -> NTS-Net, see training/progressive.py) or the paper's "
+                        "single NTS-Net run (resumes automatically when RUN_DIR has a saved epoch)")
+    p.add_argument("--stages", default=None, help="progressive: ordered subset of linear,finetune,ntsnet")
+    p.add_argument("--views", type=int, default=None, help="progressive: augmented views per photo for the linear stage (8)")
+    p.add_argument("--no-activate", dest="activate", action="store_false", default=None,
+                   help="progressive: do not propose the stages as the catalogue's active model")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy, per class, confusions and store conditions")
@@ -124,7 +157,6 @@ def build_parser():
     p.add_argument("run", nargs="?", help="run directory (status, cancel)")
     p.add_argument("--db", default="data")
     p.add_argument("--out")
-    p.add_argument("--epochs", type=int)
     p.add_argument("--backbone")
     p.add_argument("--max-minutes", type=float)
     p.add_argument("--cat-num", type=int)

@@ -87,6 +87,42 @@ def to_tensor(im: Image.Image, size: int, flip: bool = False, mean=IMAGENET_MEAN
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
+def store_augment(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """What a store camera does to a product photo: framing (random resized crop), small rotation and
+    perspective, lighting and colour, darkness, blur, and tiny low-resolution images. The strengths cover the
+    evaluation's store conditions (training/evaluate.py: 25% brightness, blur of 1.5% of the side, 80 px)."""
+    from PIL import ImageEnhance, ImageFilter
+
+    w, h = im.size
+    if rng.random() < 0.8:  # random resized crop: 35-100% of the area, aspect 3/4-4/3
+        area = w * h * rng.uniform(0.35, 1.0)
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = min(w, int(round(np.sqrt(area * aspect)))), min(h, int(round(np.sqrt(area / aspect))))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        im = im.crop((x0, y0, x0 + cw, y0 + ch))
+    if rng.random() < 0.5:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    if rng.random() < 0.3:
+        im = im.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR)
+    if rng.random() < 0.2:  # mild perspective: move the corners by up to 8% of the side
+        w2, h2 = im.size
+        d = 0.08 * np.array([w2, h2])
+        quad = [c + rng.uniform(-1, 1, 2) * d for c in ([0, 0], [0, h2], [w2, h2], [w2, 0])]
+        im = im.transform((w2, h2), Image.QUAD, [float(v) for c in quad for v in c], resample=Image.BILINEAR)
+    im = ImageEnhance.Brightness(im).enhance(float(rng.uniform(0.6, 1.4)))
+    im = ImageEnhance.Contrast(im).enhance(float(rng.uniform(0.6, 1.4)))
+    im = ImageEnhance.Color(im).enhance(float(rng.uniform(0.6, 1.4)))
+    if rng.random() < 0.25:  # a dark shelf
+        im = ImageEnhance.Brightness(im).enhance(float(rng.uniform(0.15, 0.5)))
+    if rng.random() < 0.25:
+        im = im.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 0.025 * max(im.size)))))
+    if rng.random() < 0.2:  # a tiny image: the model sees it upscaled
+        scale = rng.uniform(40, 110) / max(im.size)
+        if scale < 1:
+            im = im.resize((max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))), Image.BILINEAR)
+    return im
+
+
 class PhotoDataset(torch.utils.data.Dataset):
     """Resize to size x size, random horizontal flip for training (the paper's augmentation), normalise.
 
@@ -94,8 +130,10 @@ class PhotoDataset(torch.utils.data.Dataset):
     number of DataLoader workers and after a resume. Unreadable photos yield None (dropped by ``collate``).
     """
 
-    def __init__(self, items: list[dict], size: int, train: bool, seed: int = 0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.items, self.size, self.train, self.seed = items, size, train, seed
+    def __init__(self, items: list[dict], size: int, train: bool, seed: int = 0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 augment: str = "flip"):
+        """``augment``: 'flip' (the paper's recipe) or 'store' (``store_augment``); only when ``train``."""
+        self.items, self.size, self.train, self.seed, self.augment = items, size, train, seed, augment
         self.mean, self.std = mean, std
         self.epoch = 0
 
@@ -109,7 +147,11 @@ class PhotoDataset(torch.utils.data.Dataset):
             return None
         flip = False
         if self.train:
-            flip = bool(np.random.default_rng([self.seed, self.epoch, i]).random() < 0.5)
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            if self.augment == "store":
+                im = store_augment(im, rng)
+            else:
+                flip = bool(rng.random() < 0.5)
         return to_tensor(im, self.size, flip, self.mean, self.std), item["label"]
 
 

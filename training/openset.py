@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 KEEP = 0.95
+MIN_CALIBRATION_PHOTOS = 40  # fewer validation photos than this: no threshold (a 5% quantile of 8 scores rejects knowns)
 
 
 def threshold_for(known_scores, keep: float = KEEP) -> float:
@@ -62,7 +63,7 @@ def calibrate_checkpoint(checkpoint, val_items, predictor=None, keep: float = KE
     scores = []
     for start in range(0, len(arrays), 16):
         scores += [p.confidence for p in predictor.predict_batch(arrays[start:start + 16])]
-    t = threshold_for(scores, keep)
+    t = threshold_for(scores, keep) if len(scores) >= MIN_CALIBRATION_PHOTOS else None
     ckpt = load_checkpoint(checkpoint)
     extra = {**ckpt.extra, "unknown_threshold": {"score": "max_softmax", "value": t, "keep": keep, "n": len(scores)}}
     save_checkpoint(checkpoint, build_model(ckpt), ckpt.class_names, extra=extra)

@@ -300,7 +300,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         from .openset import calibrate_checkpoint
 
         t = calibrate_checkpoint(run_dir / "best.safetensors", snap.val)
-        log(f"unknown-product threshold (max softmax keeping 95% of validation photos): {t:.3f}")
+        log("unknown-product threshold: " + (f"{t:.3f} (max softmax keeping 95% of validation photos)" if t is not None
+                                             else "none (too few validation photos to calibrate: never answers 'unknown')"))
     final = "cancelled" if stop["reason"] == "cancelled" else ("failed" if stop["reason"] == "no data" else "finished")
     if final == "finished" and state.epoch < cfg.epochs and not stop["reason"]:
         final = "cancelled"

@@ -5,7 +5,6 @@ directories, the active model in CATALOGUE/active_model.json. Restarting the app
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -14,12 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from dataset_tools import Catalogue, CatalogueError, DuplicateImage, InvalidImage, assign_splits
-from ntsnet.checkpoint import atomic_write
 from ntsnet.draw import draw_prediction
-from training import jobs
+from training import active, jobs
 
 CONDITION_TAGS = ["front", "side", "back", "top", "dark", "bright", "blurry", "far", "close"]
 MIN_PHOTOS_PER_PRODUCT = 5
+MAX_UPLOAD_MB = 20          # per file (Gradio refuses larger uploads before they reach us)
+MAX_UPLOAD_FILES = 100      # per click
+MAX_BURST_SECONDS = 60
+THUMBNAIL_PX = 160
 UNSURE_BELOW = 0.5  # below this confidence the app says it is unsure instead of naming a product
 
 
@@ -40,29 +42,68 @@ class Recognition:
     fresh: bool = True               # False: the newest frame drawn with the last answer while the model was busy
 
 
+class SessionMemory:
+    """Per-session values that are forgotten ``keep_seconds`` after their last update (a closed tab's frame or
+    answer must not live on), at most ``max_sessions`` of them (the most recent)."""
+
+    def __init__(self, keep_seconds: float = 60.0, max_sessions: int = 256):
+        self.keep, self.max = keep_seconds, max_sessions
+        self._items: dict[str, tuple[float, object]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, session: str, value):
+        now = time.monotonic()
+        with self._lock:
+            self._items[session] = (now, value)
+            if len(self._items) > self.max or any(now - t > self.keep for t, _ in self._items.values()):
+                live = sorted(((t, k) for k, (t, _) in self._items.items() if now - t <= self.keep), reverse=True)[: self.max]
+                self._items = {k: self._items[k] for _, k in live}
+
+    def get(self, session: str, default=None):
+        with self._lock:
+            hit = self._items.get(session)
+        return default if hit is None or time.monotonic() - hit[0] > self.keep else hit[1]
+
+    def stamp(self, session: str) -> float | None:
+        with self._lock:
+            hit = self._items.get(session)
+        return None if hit is None else hit[0]
+
+    def __len__(self):
+        with self._lock:
+            return len(self._items)
+
+
 class LiveAnswers:
     """Each live session's last answer (kept for a minute after its last frame, so a closed tab's memory goes)
     and the model's recent answer rate."""
 
     def __init__(self, keep_seconds: float = 60.0, max_sessions: int = 256):
-        self.keep, self.max = keep_seconds, max_sessions
-        self._last: dict[str, tuple[float, tuple]] = {}
+        self._last = SessionMemory(keep_seconds, max_sessions)
+        self._frames = SessionMemory(keep_seconds, max_sessions)  # when each session last sent a frame
         self._times: list[float] = []
         self._lock = threading.Lock()
 
     def answered(self, session: str, answer: tuple, seconds: float):
+        self._last.put(session, answer)
         now = time.monotonic()
         with self._lock:
-            self._last[session] = (now, answer)
             self._times = [t for t in self._times if now - t < 5.0] + [now]
-            if len(self._last) > self.max or any(now - t > self.keep for t, _ in self._last.values()):
-                live = sorted(((t, k) for k, (t, _) in self._last.items() if now - t <= self.keep), reverse=True)[: self.max]
-                self._last = {k: self._last[k] for _, k in live}
 
     def last(self, session: str):
-        with self._lock:
-            hit = self._last.get(session)
-        return None if hit is None or time.monotonic() - hit[0] > self.keep else hit[1]
+        return self._last.get(session)
+
+    def arrived(self, session: str):
+        self._frames.put(session, True)
+
+    def my_turn(self, session: str, active_within: float = 1.0) -> bool:
+        """Round robin between live sessions: a session waits while another one that is streaming (a frame in
+        the last second) was answered less recently, so one fast client cannot take every model slot."""
+        now = time.monotonic()
+        mine = self._last.stamp(session) or float("-inf")
+        with self._frames._lock:
+            streaming = [k for k, (t, _) in self._frames._items.items() if k != session and now - t < active_within]
+        return all((self._last.stamp(k) or float("-inf")) >= mine for k in streaming)
 
     def rate(self) -> float:
         with self._lock:
@@ -73,14 +114,18 @@ class LiveAnswers:
         return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
 
     def sessions(self) -> int:
-        with self._lock:
-            return len(self._last)
+        return len(self._last)
 
 
 class Studio:
-    def __init__(self, db, checkpoint: str | None = None, backend: str = "auto"):
+    def __init__(self, db, checkpoint: str | None = None, backend: str = "auto", allow_capture: bool = True,
+                 allow_training: bool = True):
+        """``allow_capture`` / ``allow_training`` False: every action that writes the catalogue, reads its photos,
+        or trains refuses on the server, whatever the page shows (a recognise-only demo)."""
         self.db = Path(db)
         self.backend = backend
+        self.allow_capture, self.allow_training = allow_capture, allow_training
+        self._thumbs: dict[str, np.ndarray] = {}
         self.catalogue = Catalogue(self.db)
         self._predictor = None
         self._predictor_path = None
@@ -89,13 +134,19 @@ class Studio:
         self._instant = None
         self._live = LiveAnswers()
         if checkpoint:
-            self.set_active_model(checkpoint)
+            self._activate(checkpoint, pin=False)
+
+    def _require(self, what: str):
+        allowed = self.allow_training if what == "training" else self.allow_capture
+        if not allowed:
+            raise StudioError(f"{'Training' if what == 'training' else 'Capture and catalogue changes'} are turned off in this app.")
 
     # --------------------------------------------------------------------------------- products
     def product_names(self) -> list[str]:
         return [p["name"] for p in self.catalogue.products()]
 
     def create_product(self, name: str, sku: str = "") -> str:
+        self._require("capture")
         try:
             self.catalogue.add_product(name, sku=sku or None)
         except CatalogueError as exc:
@@ -108,6 +159,7 @@ class Studio:
     # ---------------------------------------------------------------------------------- collect
     def save_photo(self, image, product: str | None, tags=(), source: str = "webcam") -> dict:
         """Store one photo; returns {message, warnings, count, image_id}. A duplicate is reported, not an error."""
+        self._require("capture")
         if image is None:
             raise StudioError("No photo: start the camera or choose a file first.")
         if not product:
@@ -127,10 +179,17 @@ class Studio:
 
     def save_uploads(self, files, product: str | None, tags=()) -> dict:
         """Uploaded files: with a product they are labelled, without one they wait as 'unlabelled' for review."""
+        self._require("capture")
+        files = list(files or [])
+        if len(files) > MAX_UPLOAD_FILES:
+            raise StudioError(f"{len(files)} files at once: at most {MAX_UPLOAD_FILES} per upload, please split them.")
         saved, messages = 0, []
-        for f in files or []:
+        for f in files:
             path = Path(getattr(f, "name", f))
             try:
+                if path.stat().st_size > MAX_UPLOAD_MB * 1024 * 1024:
+                    messages.append(f"{path.name}: larger than {MAX_UPLOAD_MB} MB, not saved")
+                    continue
                 if product:
                     r = self.save_photo(path.read_bytes(), product, tags, source="upload")
                     saved += "duplicate" not in r["warnings"]
@@ -170,11 +229,25 @@ class Studio:
         """Give new photos a split at once (stable), so the catalogue is always ready to train."""
         assign_splits(self.catalogue, product=product)
 
-    def gallery(self, product: str | None = None, limit: int = 200, unlabelled: bool = False) -> list[tuple[str, str]]:
+    def gallery(self, product: str | None = None, limit: int = 200, unlabelled: bool = False) -> list[tuple[np.ndarray, str]]:
+        """(thumbnail, caption) pairs, newest first. Thumbnails, not file paths: the app never serves catalogue files."""
+        self._require("capture")
         if not product and not unlabelled:
             return []
         imgs = self.catalogue.images(product=product or None, unlabelled=unlabelled)[-limit:]
-        return [(str(self.catalogue.image_path(i)), self._caption(i)) for i in reversed(imgs)]
+        return [(self._thumbnail(self.catalogue.image_path(i)), self._caption(i)) for i in reversed(imgs)]
+
+    def _thumbnail(self, path: Path) -> np.ndarray:
+        key = str(path)  # photos are content-addressed: a path always means the same pixels
+        if key not in self._thumbs:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+                if len(self._thumbs) > 2000:
+                    self._thumbs.clear()
+                self._thumbs[key] = np.asarray(im.convert("RGB"))
+        return self._thumbs[key]
 
     @staticmethod
     def _caption(img: dict) -> str:
@@ -184,6 +257,7 @@ class Studio:
 
     # ------------------------------------------------------------------------------------ label
     def move_photos(self, image_ids, product: str) -> str:
+        self._require("capture")
         ids = [int(i) for i in image_ids]
         if not ids:
             raise StudioError("Select photos first.")
@@ -195,6 +269,7 @@ class Studio:
         return f"Moved {n} photo(s) to “{product}”."
 
     def delete_photos(self, image_ids) -> str:
+        self._require("capture")
         ids = [int(i) for i in image_ids]
         if not ids:
             raise StudioError("Select photos first.")
@@ -207,6 +282,7 @@ class Studio:
 
     def possible_mislabels(self, limit: int = 500) -> list[dict]:
         """Photos whose predicted product differs from their label, most confident disagreement first."""
+        self._require("capture")
         predictor = self.predictor()
         if predictor is None:
             return []
@@ -224,6 +300,7 @@ class Studio:
 
     def suggestions(self, limit: int = 100) -> list[dict]:
         """A suggested product for each unlabelled photo (needs a model)."""
+        self._require("capture")
         predictor = self.predictor()
         imgs = self.catalogue.images(unlabelled=True)[:limit]
         if predictor is None or not imgs:
@@ -233,6 +310,7 @@ class Studio:
                  "confidence": p.confidence, "unknown": p.unknown} for i, p in zip(imgs, preds)]
 
     def confirm_suggestion(self, image_id: int, product: str) -> str:
+        self._require("capture")
         if product not in self.product_names():
             self.catalogue.add_product(product, exist_ok=True)
         self.catalogue.move_images([image_id], product)
@@ -250,9 +328,11 @@ class Studio:
                            f"you have {len(ready)}." + (f" Too few photos: {short}." if short else ""))
         return True, f"Ready: {len(ready)} products, {sum(p['images'] for p in ready)} photos."
 
-    def start_training(self, backbone: str = "efficientnet_lite0", epochs: int = 10, max_minutes: float | None = None,
-                       cat_num: int = 4, input_size: int = 448, part_size: int | None = None, lr: float = 0.001, batch_size: int = 8,
-                       exclude_products=()) -> dict:
+    def start_training(self, backbone: str = "efficientnet_lite0", max_minutes: float | None = None, cat_num: int = 4,
+                       input_size: int | None = None, exclude_products=(), recipe: str = "progressive", **paper_args) -> dict:
+        """One click: the progressive job (training/progressive.py), which makes each stage active only if it is
+        better. ``recipe='paper'`` runs the paper's single NTS-Net run instead (``paper_args``: epochs, lr ...)."""
+        self._require("training")
         ok, why = self.training_readiness()
         if not ok:
             raise StudioError(why)
@@ -262,13 +342,20 @@ class Studio:
             spec = backbone_spec(backbone)
         except ValueError as exc:
             raise StudioError(str(exc)) from None
+        if recipe not in ("progressive", "paper"):
+            raise StudioError(f"unknown recipe {recipe!r}")
+        if paper_args and recipe != "paper":
+            raise StudioError(f"{', '.join(sorted(paper_args))}: settings of the paper's recipe (recipe='paper')")
         assign_splits(self.catalogue)
+        args = dict(backbone=backbone, pretrained=spec.has_pretrained, max_minutes=float(max_minutes) if max_minutes else None,
+                    cat_num=int(cat_num), input_size=int(input_size) if input_size else None,
+                    exclude_products=",".join(exclude_products) or None)
+        if recipe == "paper":
+            args.update(recipe="paper", proposal_num=max(6, int(cat_num)), **paper_args)
+            if input_size and "part_size" not in paper_args:
+                args["part_size"] = max(32, int(input_size) // 2)
         try:
-            return jobs.start(self.db, epochs=int(epochs), backbone=backbone, pretrained=spec.has_pretrained,
-                              max_minutes=float(max_minutes) if max_minutes else None, cat_num=int(cat_num),
-                              proposal_num=max(6, int(cat_num)), input_size=int(input_size),
-                              part_size=int(part_size or max(32, int(input_size) // 2)), lr=float(lr), batch_size=int(batch_size),
-                              exclude_products=",".join(exclude_products) or None)
+            return jobs.start(self.db, **args)
         except jobs.JobError as exc:
             raise StudioError(str(exc)) from None
 
@@ -281,6 +368,7 @@ class Studio:
         return runs[0] if runs else None
 
     def cancel_training(self) -> str:
+        self._require("training")
         run = jobs.active_job(self.db)
         if not run:
             return "No training is running."
@@ -296,7 +384,20 @@ class Studio:
             return "No training run yet."
         p = run["progress"]
         lines = [f"**{run['name']}** — {run['state']}"]
-        if p.get("epoch"):
+        if p.get("recipe") == "progressive":
+            stage = p.get("stage") or "starting"
+            order = p.get("stages") or []
+            if stage in order:
+                lines.append(f"stage {order.index(stage) + 1}/{len(order)}: **{stage}**"
+                             + (f", about {p['stage_seconds_left'] / 60:.1f} min left in this stage" if p.get("stage_seconds_left") else ""))
+            elif run["state"] == "running":
+                lines.append(f"{stage} …")
+            if p.get("instant_val_acc") is not None:
+                lines.append(f"instant model: {p['instant_val_acc']:.1%} on {p.get('val_images', '?')} validation photos")
+            for r in p.get("results", []):
+                mark = "✅ active" if r["active"] else "kept the better model"
+                lines.append(f"{r['stage']}: {r['val_acc']:.1%} — {mark}")
+        elif p.get("epoch"):
             lines.append(f"epoch {p['epoch']}/{p.get('epochs')}, step {p.get('step', '-')}/{p.get('steps', '-')}")
         if p.get("loss"):
             lines.append("loss " + ", ".join(f"{k} {v:.3f}" for k, v in p["loss"].items()))
@@ -305,7 +406,7 @@ class Studio:
         if run.get("best_val_acc") is not None:
             lines.append(f"best validation accuracy {run['best_val_acc']:.1%}")
         if p.get("eta_seconds") and run["state"] == "running":
-            lines.append(f"about {p['eta_seconds'] / 60:.1f} min left")
+            lines.append(f"about {p['eta_seconds'] / 60:.1f} min left in the job (measured speed)")
         if p.get("device"):
             lines.append(f"{p['device']}, {p.get('precision')}, {p.get('images_per_s', 0):.1f} images/s")
         if run["state"] in ("failed", "interrupted") and run.get("log_tail"):
@@ -313,27 +414,38 @@ class Studio:
         return "  \n".join(lines)
 
     # ----------------------------------------------------------------------------- active model
-    @property
-    def _active_file(self) -> Path:
-        return self.db / "active_model.json"
-
     def active_checkpoint(self) -> str | None:
-        try:
-            path = json.loads(self._active_file.read_text())["checkpoint"]
-        except (OSError, ValueError, KeyError):
-            return None
-        return path if path.startswith("hf://") or Path(path).exists() else None
+        path = active.read(self.db).get("checkpoint")
+        return path if path and (path.startswith("hf://") or Path(path).exists()) else None
 
-    def set_active_model(self, checkpoint: str) -> str:
-        """Make a checkpoint (a run name, a file, or hf://user/repo) the model that answers."""
+    def active_model_name(self) -> str | None:
+        path = self.active_checkpoint()
+        return active.short_name(path) if path else None
+
+    def set_active_model(self, checkpoint: str, pin: bool = False) -> str:
+        """Make a checkpoint (a run name, a file, or hf://user/repo) the model that answers. ``pin``: keep it
+        active while training jobs find better models (they are listed, not switched to)."""
+        self._require("training")
+        return self._activate(checkpoint, pin)
+
+    def _activate(self, checkpoint: str, pin: bool) -> str:
         run_dir = jobs.runs_root(self.db) / checkpoint
         if (run_dir / "best.safetensors").exists():
             checkpoint = str(run_dir / "best.safetensors")
         predictor = self._load(checkpoint)
-        atomic_write(self._active_file, lambda tmp: Path(tmp).write_text(json.dumps({"checkpoint": str(checkpoint)})))
+        active.write(self.db, str(checkpoint), pinned=bool(pin), name=active.short_name(checkpoint), chosen_by="person")
         with self._lock:
             self._predictor, self._predictor_path = predictor, str(checkpoint)
-        return f"Active model: {Path(str(checkpoint)).parent.name or checkpoint} ({len(predictor.class_names)} products)."
+        return (f"Active model: {active.short_name(checkpoint)} ({len(predictor.class_names)} products)"
+                + (", pinned: training will not replace it." if pin else "."))
+
+    def unpin_model(self) -> str:
+        self._require("training")
+        current = active.read(self.db)
+        if not current:
+            return "No trained model is active."
+        active.write(self.db, current["checkpoint"], **{k: v for k, v in current.items() if k not in ("checkpoint", "since", "pinned")})
+        return f"{active.short_name(current['checkpoint'])} is no longer pinned: training may replace it with a better model."
 
     def _load(self, checkpoint: str):
         from ntsnet import CheckpointError, Predictor
@@ -359,7 +471,7 @@ class Studio:
         """(predictor, model name, backend name) that answers now: the active trained model, else the instant one."""
         predictor = self.predictor()
         if predictor is not None:
-            return predictor, Path(self._predictor_path or "").parent.name or "model", getattr(predictor, "backend_name", "torch")
+            return predictor, active.short_name(self._predictor_path or "model"), getattr(predictor, "backend_name", "torch")
         if self.instant.ready():
             return (self.instant, f"instant (prototypes of {len(self.instant.index.labels)} photos)",
                     self.instant.embedder.backend_name if self.instant._embedder is not None else "torch")
@@ -374,7 +486,12 @@ class Studio:
         if frame is None:
             return None
         rgb = np.asarray(frame)
-        if not self._busy.acquire(blocking=wait):
+        self._live.arrived(session)
+        got = self._busy.acquire(blocking=wait)
+        if got and not wait and not self._live.my_turn(session):
+            self._busy.release()  # another visitor has waited longer: their frame goes first
+            got = False
+        if not got:
             last = self._live.last(session)
             return None if last is None else self._present(rgb, *last, fresh=False)
         try:
@@ -403,6 +520,7 @@ class Studio:
 
     # --------------------------------------------------------------------------------- evaluate
     def evaluate(self, split: str = "test", progress: bool = False, unknown_products=()) -> dict:
+        self._require("capture")
         from training.evaluate import evaluate
 
         path = self.active_checkpoint()

@@ -1,0 +1,89 @@
+"""Eager PyTorch vs the compiled OpenVINO backend: latency, agreement on real photos, evaluation time.
+
+    python benchmarks/inference_backends.py [--photos 296] [--eval-photos 75] [--runs 15]
+
+NTS-Net on Lite0 (ImageNet weights, seeded heads, 81 products), 448/224 px, K=4, one 640x480 frame at a time;
+the instant embedder (Lite0 at 224); agreement of the two backends on the grocery val photos (top-1 and the
+K boxes); and training/evaluate.py's 4 conditions on --eval-photos photos. Prints the CPU model and flags.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from timing import median_ms  # noqa: E402
+from train_click import DATA, cpu_line  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--photos", type=int, default=296)
+    ap.add_argument("--eval-photos", type=int, default=75)
+    ap.add_argument("--runs", type=int, default=15)
+    args = ap.parse_args()
+    from ntsnet import NTSConfig, NTSNet, Predictor, save_checkpoint
+    from ntsnet.instant import Embedder
+    from training.evaluate import CONDITIONS, apply_condition
+
+    print(f"CPU: {cpu_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    torch.manual_seed(0)
+    model = NTSNet(NTSConfig(backbone="efficientnet_lite0", num_classes=81), pretrained=True)
+    tmp = Path(tempfile.mkdtemp())
+    ckpt = tmp / "nts.safetensors"
+    save_checkpoint(ckpt, model, [f"product {i}" for i in range(81)])
+    frame = (np.random.default_rng(0).random((480, 640, 3)) * 255).astype(np.uint8)
+    t0 = time.perf_counter()
+    ov = Predictor.from_checkpoint(ckpt, backend="openvino", background=False)
+    print(f"OpenVINO export built and compiled in {time.perf_counter() - t0:.1f} s (cached afterwards)")
+    t0 = time.perf_counter()
+    Predictor.from_checkpoint(ckpt, backend="openvino")
+    print(f"loading the cached export: {time.perf_counter() - t0:.2f} s")
+    eager = Predictor.from_checkpoint(ckpt, backend="torch", precision="fp32")
+    nchw = Predictor.from_checkpoint(ckpt, backend="torch", precision="fp32")
+    nchw.net = nchw.net.to(memory_format=torch.contiguous_format)  # what the predictor ran before this change
+    rows = []
+    for name, p in (("eager fp32 NCHW (before)", nchw), ("eager fp32 channels_last", eager), ("openvino", ov)):
+        rows.append((name, median_ms(lambda: p.predict(frame), args.runs, warmup=3)))
+    e_eager, e_ov = Embedder(backend="torch"), Embedder(background=False)
+    rows.append(("instant embedder, eager fp32 CL", median_ms(lambda: e_eager([frame]), args.runs * 2, warmup=3)))
+    rows.append(("instant embedder, openvino", median_ms(lambda: e_ov([frame]), args.runs * 2, warmup=3)))
+    print("\n| what (640x480 frame) | ms |\n|---|---|")
+    for name, ms in rows:
+        print(f"| NTS-Net Lite0 448/224 K=4, {name} | {ms:.1f} |" if "embedder" not in name else f"| {name} | {ms:.1f} |")
+
+    if DATA.exists():
+        from PIL import Image
+
+        lines = [l for l in (DATA / "val.txt").read_text().splitlines() if l.strip()][: args.photos]
+        photos = [np.array(Image.open(DATA / l.split(",")[0]).convert("RGB")) for l in lines]
+        same_top1 = same_boxes = 0
+        for start in range(0, len(photos), 16):
+            a, b = eager.predict_batch(photos[start:start + 16]), ov.predict_batch(photos[start:start + 16])
+            for x, y in zip(a, b):
+                same_top1 += x.label == y.label
+                same_boxes += [(q.x0, q.y0, q.x1, q.y1) for q in x.boxes] == [(q.x0, q.y0, q.x1, q.y1) for q in y.boxes]
+        n = len(photos)
+        print(f"\ngrocery val photos: top-1 agreement {same_top1}/{n} = {same_top1 / n:.1%}; identical K boxes {same_boxes}/{n} = {same_boxes / n:.1%}")
+        sub = photos[: args.eval_photos]
+        for name, p in (("eager fp32 NCHW (before)", nchw), ("openvino", ov)):
+            t0 = time.perf_counter()
+            for cond in CONDITIONS:
+                arrays = [apply_condition(a, cond) for a in sub]
+                for start in range(0, len(arrays), 16):
+                    p.predict_batch(arrays[start:start + 16])
+            dt = time.perf_counter() - t0
+            print(f"evaluation, {len(sub)} photos x {len(CONDITIONS)} conditions, {name}: {dt:.1f} s "
+                  f"(= {dt * 300 / len(sub):.0f} s for 300 photos)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""One Train click on a small catalogue of real store photos, measured the way a store would see it.
+
+    python benchmarks/train_click.py [--coarse Milk] [--per-product 14] [--max-minutes M] [--precision fp32]
+
+Builds a catalogue from ../shared/datasets/grocerystore: the products of one coarse class (e.g. all Milk
+cartons) with their first --per-product training photos, and their val photos as the validation split. Then
+clicks Train (Studio.start_training with its defaults, the progressive job), and reports when a model at least
+as accurate as the instant model became active, each stage's validation accuracy, and whether any switch
+lowered the active model's accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "datasets" / "grocerystore"
+
+
+def cpu_line() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+        flags = next(line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags"))
+        keep = [f for f in flags if f.startswith(("avx", "amx", "fma")) or f in ("f16c",)]
+        return f"{model}; flags: {' '.join(keep)}"
+    except Exception:
+        return platform.processor()
+
+
+def build_catalogue(db: Path, coarse: str, per_product: int):
+    from dataset_tools import Catalogue
+    from dataset_tools.transfer import import_list, read_classes_csv
+
+    classes = read_classes_csv(DATA / "classes.csv")
+    wanted = {fine for fine, (_, c) in classes.items() if c == coarse}
+    val_lines = [l for l in (DATA / "val.txt").read_text().splitlines() if l.strip() and int(l.split(",")[1]) in wanted]
+    with_val = {int(l.split(",")[1]) for l in val_lines}
+    counts: dict[int, int] = {}
+    train_lines = []
+    for l in (DATA / "train.txt").read_text().splitlines():
+        if l.strip() and int(l.split(",")[1]) in with_val and counts.get(int(l.split(",")[1]), 0) < per_product:
+            counts[int(l.split(",")[1])] = counts.get(int(l.split(",")[1]), 0) + 1
+            train_lines.append(l)
+    tmp = db.parent
+    (tmp / "train.txt").write_text("\n".join(train_lines))
+    (tmp / "val.txt").write_text("\n".join(val_lines))
+    for name in ("train", "val"):  # list paths are relative to the list's folder
+        (tmp / name).symlink_to(DATA / name) if not (tmp / name).exists() else None
+    (tmp / "classes.csv").write_text((DATA / "classes.csv").read_text())
+    cat = Catalogue(db)
+    import_list(cat, tmp / "train.txt", split="train", progress=False)
+    import_list(cat, tmp / "val.txt", split="val", progress=False)
+    return cat, len(with_val), len(train_lines), len(val_lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--coarse", default="Milk")
+    ap.add_argument("--per-product", type=int, default=14)
+    ap.add_argument("--max-minutes", type=float, default=None)
+    ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    args = ap.parse_args()
+    if not DATA.exists():
+        sys.exit(f"needs {DATA}")
+    from training import active, jobs
+    from webapp import Studio
+
+    tmp = Path(tempfile.mkdtemp())
+    cat, n_products, n_train, n_val = build_catalogue(tmp / "cat", args.coarse, args.per_product)
+    print(f"CPU: {cpu_line()}")
+    print(f"catalogue: {n_products} {args.coarse} products, {n_train} training photos, {n_val} validation photos")
+    studio = Studio(cat.root)
+    t0 = time.time()
+    run = studio.start_training(max_minutes=args.max_minutes) if args.precision == "auto" else None
+    if run is None:  # the same click, with the precision forced (a bf16 CPU measured as an fp32 one)
+        run = jobs.start(cat.root, backbone="efficientnet_lite0", max_minutes=args.max_minutes, precision=args.precision)
+    switches, seen = [], None
+    while True:
+        cur = active.read(cat.root)
+        if cur.get("checkpoint") != seen and cur:
+            seen = cur["checkpoint"]
+            switches.append((time.time() - t0, cur.get("stage"), cur.get("val_acc")))
+            print(f"{switches[-1][0]:6.1f} s  active: {cur.get('name')} (validation {cur.get('val_acc'):.1%})", flush=True)
+        st = jobs.status(run["run_dir"])
+        if not st["alive"]:
+            break
+        time.sleep(0.5)
+    p = st["progress"]
+    print(f"job {st['state']} after {time.time() - t0:.0f} s (budget {p.get('budget_seconds')} s), {p.get('device')} {p.get('precision')}")
+    instant = p.get("instant_val_acc")
+    print(f"instant model (prototypes of the training photos): {instant:.1%}")
+    for r in p.get("results", []):
+        print(f"  stage {r['stage']:<9} {r['val_acc']:.1%}  at {r['minutes'] * 60:5.0f} s  {'ACTIVE' if r['active'] else r['verdict']}")
+    accs = [a for _, _, a in switches]
+    print(f"first model >= instant active after {switches[0][0]:.0f} s" if switches else "no model became active")
+    print(f"active accuracy never went down: {all(b >= a for a, b in zip(accs, accs[1:]))}; "
+          f"final active {accs[-1]:.1%} vs instant {instant:.1%} (+{(accs[-1] - instant) * 100:.1f} points)" if accs else "")
+    print(json.dumps({"switches": switches, "results": p.get("results"), "instant": instant}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The progressive Train job: stage hand-offs keep predictions, the active model only ever gets better."""
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from synthetic import make_dataset
+from dataset_tools import Catalogue, assign_splits
+from ntsnet import NTSConfig, Predictor, create_model
+from training import active, jobs
+from training.progressive import (ProgressiveConfig, imprinted_head, ntsnet_from_classifier, prototype_predictions,
+                                  train_progressive, unknown_threshold)
+
+
+def small_catalogue(root, n_per_class=5, classes=2, seed=0):
+    cat = Catalogue(root)
+    images, labels, names = make_dataset(n_per_class, size=96, seed=seed)
+    for im, label in zip(images, labels):
+        if label < classes:
+            cat.add_image(im, product=names[label], create_product=True, source_kind="webcam")
+    assign_splits(cat, val=0.2, test=0.0)
+    return cat
+
+
+def test_imprinted_head_answers_exactly_as_the_prototypes_do():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 64, generator=g) * 2
+    labels = torch.arange(5).repeat_interleave(8)
+    feats = (centres[labels] + torch.randn(40, 64, generator=g) * 3).relu()  # overlapping classes: not all right
+    queries_y = torch.arange(5).repeat_interleave(20)
+    queries = (centres[queries_y] + torch.randn(100, 64, generator=g) * 3).relu()
+    head = imprinted_head(feats, labels, 5)
+    protos = prototype_predictions(feats, labels, queries, 5)
+    assert torch.equal(head(queries).argmax(1), protos)
+    acc = (protos == queries_y).float().mean()
+    assert 0.3 < acc < 1.0  # a real test: some answers are wrong, and the head gets the same ones wrong
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_ntsnet_starts_from_the_finetuned_classifier_answer(size):
+    torch.manual_seed(1)
+    base = create_model(NTSConfig(model="baseline", backbone="tiny", num_classes=3, input_size=size, cat_num=0, proposal_num=1),
+                        pretrained=False).eval()
+    with torch.no_grad():
+        base.raw_head.weight.normal_()
+        base.raw_head.bias.normal_()
+    nts = ntsnet_from_classifier(base, NTSConfig(backbone="tiny", num_classes=3, input_size=size, part_size=size // 2,
+                                                 proposal_num=4, cat_num=2)).eval()
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        want, got = base(x).concat_logits, nts(x).concat_logits
+    assert torch.allclose(want, got, atol=1e-5)
+    assert not torch.allclose(got, torch.zeros_like(got))
+
+
+def test_the_active_model_never_switches_to_a_worse_one(tmp_path):
+    db = tmp_path
+    assert active.propose(db, tmp_path / "a.safetensors", 0.70, 0.60)[0]
+    assert active.read(db)["checkpoint"].endswith("a.safetensors")
+    switched, why = active.propose(db, tmp_path / "b.safetensors", 0.65, 0.70)
+    assert not switched and "not better" in why and active.read(db)["checkpoint"].endswith("a.safetensors")
+    assert active.propose(db, tmp_path / "c.safetensors", 0.70, 0.70)[0]  # a tie goes to the newer model
+    active.write(db, str(tmp_path / "c.safetensors"), pinned=True)
+    switched, why = active.propose(db, tmp_path / "d.safetensors", 0.99, 0.70)
+    assert not switched and "pinned" in why and active.read(db)["checkpoint"].endswith("c.safetensors")
+
+
+def test_unknown_threshold_keeps_known_photos_when_validation_is_tiny():
+    few = unknown_threshold([0.31, 0.9, 0.95, 0.4, 0.88, 0.6, 0.7, 0.99])
+    assert few["value"] is None and "never" in few["why"]
+    many = unknown_threshold(list(np.linspace(0.2, 1.0, 100)))
+    assert many["value"] == pytest.approx(0.24, abs=0.01)
+
+
+def test_two_products_five_photos_train_through_every_stage(tmp_path):
+    cat = small_catalogue(tmp_path / "cat")
+    cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.75,
+                            input_size=64, cat_num=2, proposal_num=3, views=3, batch_size=4, workers=0, precision="fp32", lr=0.02)
+    summary = train_progressive(cfg, log=lambda *a: None)
+    assert summary["state"] == "finished"
+    assert [r["stage"] for r in summary["results"]] == ["linear", "finetune", "ntsnet"]
+    accs = [r["val_acc"] for r in summary["results"]]
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert progress["state"] == "finished" and progress["instant_val_acc"] is not None
+    # whatever is active was at least as good as everything before it, on the same photos
+    bar = summary["instant_val_acc"]
+    chosen = None
+    for r in summary["results"]:
+        if r["active"]:
+            assert r["val_acc"] >= bar
+            bar, chosen = r["val_acc"], r["checkpoint"]
+        else:
+            assert r["val_acc"] < bar or "activation" in r["verdict"]
+    assert max(accs) <= bar or chosen is None
+    if chosen:
+        assert active.read(cat.root)["checkpoint"] == chosen
+        pred = Predictor.from_checkpoint(chosen, backend="torch")
+        assert pred.unknown_threshold is None  # 2 validation photos: never rejects a known product
+    for r in summary["results"]:
+        assert (tmp_path / "run" / f"stage{['linear', 'finetune', 'ntsnet'].index(r['stage']) + 1}-{r['stage']}.safetensors").exists()
+
+
+def test_cancel_keeps_the_best_model_so_far_active(tmp_path):
+    cat = small_catalogue(tmp_path / "cat", n_per_class=6)
+    run = tmp_path / "job"
+    st = jobs.start(cat.root, out=run, backbone="tiny", pretrained=False, max_minutes=5, input_size=64, cat_num=2,
+                    proposal_num=3, views=2, batch_size=4, workers=0, precision="fp32")
+    deadline = time.time() + 180
+    while time.time() < deadline and not jobs.status(run)["progress"].get("results") and jobs.status(run)["alive"]:
+        time.sleep(0.2)
+    first = jobs.status(run)["progress"]["results"][0]
+    assert first["stage"] == "linear"
+    before = active.read(cat.root)
+    st = jobs.cancel(run, timeout=60)
+    assert st["state"] == "cancelled" and not st["alive"]
+    after = active.read(cat.root)
+    assert after == before  # cancelling changed nothing about which model answers
+    if first["active"]:
+        assert after["checkpoint"] == first["checkpoint"]

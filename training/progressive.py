@@ -1,0 +1,483 @@
+"""The Train button: a progressive job in which every stage starts from the previous one, and the model that
+answers in Recognise only ever gets better.
+
+    python -m training train --db data --out runs/r1 [--max-minutes 10]        # this recipe (the default)
+    python -m training train --db data --out runs/p1 --recipe paper ...          # the paper's single-stage recipe
+
+1. linear   (seconds): frozen ImageNet backbone, a linear head on cached features of several augmented views of
+            each photo, initialised from the products' prototypes (weight imprinting: before any step it answers
+            exactly as the instant prototype model does).
+2. finetune (minutes): the whole network end to end at a small input size, from stage 1's head; warm-up then
+            cosine schedule over the time budget, 10x learning rate for the head, label smoothing, store
+            augmentation (training/data.py: framing, rotation, perspective, light, darkness, blur, tiny images).
+3. ntsnet:  NTS-Net warm-started from stage 2 so its first prediction equals stage 2's at the same input size
+            (Teacher head and the whole-image slice of the Scrutinizer take the fine-tuned head, the part slices
+            start at zero), then trained with L_I + L_S + L_C. 448/224 px on a GPU, the stage-2 size on a CPU.
+
+After each stage the model is evaluated on the validation photos and proposed to training/active.py: it answers
+from then on if it is at least as accurate as what answers now (the instant model or an earlier model, measured
+on the same photos). Cancel stops the current stage; whatever became active stays active.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ntsnet import NTSConfig, create_model, nts_loss, save_checkpoint
+from ntsnet.checkpoint import atomic_write
+from ntsnet.images import to_input_tensor
+from ntsnet.predictor import resolve_device
+from ntsnet.runtime import keep_freed_memory
+
+from . import active
+from .data import PhotoDataset, Snapshot, collate, load_rgb, take_snapshot
+from .openset import MIN_CALIBRATION_PHOTOS, threshold_for
+
+STAGES = ("linear", "finetune", "ntsnet")
+
+
+@dataclass
+class ProgressiveConfig:
+    db: str = "data"
+    out: str = "runs/run"
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True
+    max_minutes: float | None = None   # whole job; None: 3 min + 1 min per 100 training photos, at most 30
+    stages: str = ",".join(STAGES)
+    input_size: int | None = None      # stages 2-3; None: 224 on a CPU, 448 (NTS-Net) on a GPU
+    cat_num: int = 4                   # K
+    proposal_num: int = 6              # M
+    views: int = 8                     # augmented views per photo for stage 1 (fewer when the catalogue is large)
+    batch_size: int = 16
+    lr: float = 0.005                  # backbone; new heads get head_lr_mult times this
+    head_lr_mult: float = 10.0
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    finetune_share: float = 0.55       # of the time left after stage 1; NTS-Net gets the rest
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    exclude_products: str = ""
+    activate: bool = True              # propose each stage to the catalogue's active model
+
+
+def auto_minutes(n_train: int) -> float:
+    return min(30.0, 3.0 + n_train / 100.0)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+class _Stop:
+    """Cancel by flag file (the job runner) or SIGTERM; checked between steps."""
+
+    def __init__(self, run_dir: Path):
+        self.file, self.signalled = run_dir / "CANCEL", False
+        with contextlib.suppress(ValueError):  # only possible in the main thread
+            signal.signal(signal.SIGTERM, lambda *_: setattr(self, "signalled", True))
+
+    def __bool__(self):
+        return self.signalled or self.file.exists()
+
+
+def _write_json(path: Path, obj):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+
+
+def _load_arrays(items) -> tuple[list[np.ndarray], list[int]]:
+    arrays, labels = [], []
+    for it in items:
+        im = load_rgb(it["path"])
+        if im is not None:
+            arrays.append(np.array(im))
+            labels.append(it["label"])
+    return arrays, labels
+
+
+@torch.inference_mode()
+def pooled_features(backbone, arrays, size: int, engine=None, batch: int = 32) -> torch.Tensor:
+    """(N, C) pooled backbone features of RGB arrays resized to ``size``; ``engine``: compiled graphs, if any."""
+    out = []
+    for start in range(0, len(arrays), batch):
+        x = to_input_tensor(arrays[start:start + batch], size, backbone.mean, backbone.std)
+        if engine is not None:
+            out.append(engine.run("pooled", x)[0])
+        else:
+            out.append(backbone(x.contiguous(memory_format=torch.channels_last)).float().mean((2, 3)))
+    return torch.cat(out) if out else torch.zeros(0, backbone.out_channels)
+
+
+def imprinted_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.nn.Linear:
+    """A linear head whose argmax equals the prototype classifier's: each class's weight is the normalised mean
+    of its normalised features, scaled so that logits span a useful range (cosine x ~10)."""
+    unit = F.normalize(features, dim=1)
+    protos = torch.stack([unit[labels == c].mean(0) if (labels == c).any() else torch.zeros(unit.shape[1]) for c in range(num_classes)])
+    head = torch.nn.Linear(features.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.copy_(F.normalize(protos, dim=1) * (10.0 / features.norm(dim=1).mean().clamp_min(1e-6)))
+        head.bias.zero_()
+    return head
+
+
+def prototype_predictions(train_feats, train_labels, feats, num_classes) -> torch.Tensor:
+    """The instant model's rule (ntsnet/instant.py): highest cosine similarity to a product's prototype."""
+    unit = F.normalize(train_feats, dim=1)
+    protos = torch.stack([F.normalize(unit[train_labels == c].mean(0), dim=0) if (train_labels == c).any()
+                          else torch.zeros(unit.shape[1]) for c in range(num_classes)])
+    return (F.normalize(feats, dim=1) @ protos.T).argmax(1)
+
+
+def fit_head(head: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor, steps: int = 300, lr: float = 0.01,
+             weight_decay: float = 1e-3, label_smoothing: float = 0.1) -> torch.nn.Linear:
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        idx = torch.randperm(len(labels), generator=g)[:4096]
+        loss = F.cross_entropy(head(feats[idx]), labels[idx], label_smoothing=label_smoothing)
+        opt.zero_grad()
+        loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.step()
+    return head
+
+
+def ntsnet_from_classifier(classifier, config: NTSConfig):
+    """An NTS-Net whose first prediction equals ``classifier``'s at the same input size: same backbone, the
+    classifier's head as raw and Teacher head and as the whole-image slice of the Scrutinizer, part slices 0."""
+    model = create_model(config, pretrained=False)
+    model.backbone.load_state_dict(classifier.backbone.state_dict())
+    c = classifier.raw_head.in_features
+    with torch.no_grad():
+        for head in (model.raw_head, model.teacher_head):
+            head.load_state_dict(classifier.raw_head.state_dict())
+        model.scrutinizer_head.weight.zero_()
+        model.scrutinizer_head.weight[:, config.cat_num * c:] = classifier.raw_head.weight
+        model.scrutinizer_head.bias.copy_(classifier.raw_head.bias)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@torch.inference_mode()
+def evaluate_model(model, arrays, labels, batch: int = 16) -> tuple[float, list[float]]:
+    """Top-1 accuracy on the validation photos and each photo's max softmax (for the unknown threshold)."""
+    model.eval()
+    size = model.config.input_size
+    correct, scores = 0, []
+    for start in range(0, len(arrays), batch):
+        x = to_input_tensor(arrays[start:start + batch], size, model.mean, model.std).contiguous(memory_format=torch.channels_last)
+        probs = model(x, num_parts=model.config.cat_num if model.config.model == "ntsnet" else None).concat_logits.float().softmax(1)
+        conf, pred = probs.max(1)
+        correct += int((pred == torch.as_tensor(labels[start:start + batch])).sum())
+        scores += conf.tolist()
+    return (correct / len(labels) if labels else float("nan")), scores
+
+
+def accuracy_by_name(predictor, arrays, labels, class_names) -> float:
+    """Accuracy of another model (different products, maybe) on these photos, compared by product name."""
+    if not arrays:
+        return float("nan")
+    correct = 0
+    for start in range(0, len(arrays), 16):
+        for p, y in zip(predictor.predict_batch(arrays[start:start + 16]), labels[start:start + 16]):
+            correct += (p.best_guess or p.label) == class_names[y]
+    return correct / len(arrays)
+
+
+def unknown_threshold(scores: list[float]) -> dict | None:
+    """Max-softmax threshold keeping 95% of validation photos, only when there are enough of them: a handful of
+    validation photos gives a threshold that rejects known products, so below that the model never rejects."""
+    if len(scores) < MIN_CALIBRATION_PHOTOS:
+        return {"score": "max_softmax", "value": None, "n": len(scores),
+                "why": f"fewer than {MIN_CALIBRATION_PHOTOS} validation photos: never answers 'unknown'"}
+    return {"score": "max_softmax", "value": threshold_for(scores), "keep": 0.95, "n": len(scores)}
+
+
+# ---------------------------------------------------------------------------------------------- train
+def _train_mode(model):
+    """Training mode with every BatchNorm kept on its running statistics: with a few dozen photos per batch
+    stream, batch statistics would move the features away from what the previous stage's head was fitted on
+    (and from what inference sees), so a stage would start worse than the one it continues."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, device, autocast, stop, progress, stage: str,
+         val, log, head_lr_mult: float | None = None) -> tuple[torch.nn.Module, float, list[dict]]:
+    """End-to-end training for ``seconds`` (time-based warm-up + cosine), evaluating on the validation photos
+    at intervals and keeping the most accurate weights (the starting weights count as the first candidate).
+    Returns (best model, its val accuracy, metric rows)."""
+    heads = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    body = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    base = [cfg.lr, cfg.lr * (cfg.head_lr_mult if head_lr_mult is None else head_lr_mult)]
+    opt = torch.optim.SGD([{"params": body, "lr": base[0]}, {"params": heads, "lr": base[1]}], momentum=0.9,
+                          weight_decay=cfg.weight_decay, nesterov=True)
+    ds = PhotoDataset(items, size, train=True, seed=cfg.seed, mean=model.mean, std=model.std, augment="store")
+    val_arrays, val_labels = val
+    best_acc, _ = evaluate_model(model, val_arrays, val_labels)
+    best_state, rows = copy.deepcopy(model.state_dict()), []
+    log(f"{stage}: starts at {best_acc:.1%} on the validation photos")
+    t_start, trained, seen, epoch, next_eval = time.perf_counter(), 0.0, 0, 0, 0.0
+    eval_every = max(seconds / 8, 20.0)  # evaluations cost time too
+    done = False
+    while not done:
+        epoch += 1
+        ds.epoch = epoch
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
+        # worker processes start anew every epoch: for a handful of photos that costs more than it saves
+        workers = cfg.workers if len(order) >= 4 * cfg.batch_size else 0
+        loader = torch.utils.data.DataLoader(ds, sampler=order, batch_size=cfg.batch_size, collate_fn=collate,
+                                             num_workers=workers, drop_last=len(order) > cfg.batch_size)
+        _train_mode(model)
+        sums, n_seen, correct = {"total": 0.0, "L_I": 0.0, "L_S": 0.0, "L_C": 0.0}, 0, 0
+        for x, y, _ in loader:
+            if stop:
+                done = True
+                break
+            if x is None:
+                continue
+            t0 = time.perf_counter()
+            frac = min(1.0, (t0 - t_start) / seconds)  # wall clock: loading and evaluating count against the budget
+            warm = min(1.0, frac / 0.05)
+            for group, lr in zip(opt.param_groups, base):
+                group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * frac))
+            x, y = x.to(device), y.to(device)
+            if device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                out = model(x)
+            losses = loss_fn(out, y)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)  # one bad batch must not undo a stage
+            opt.step()
+            trained += time.perf_counter() - t0
+            n_seen += len(y)
+            seen += len(y)
+            correct += int((out.concat_logits.argmax(1) == y).sum())
+            for k in sums:
+                sums[k] += float(losses[k].detach()) * len(y)
+            progress(stage=stage, images_per_s=round(seen / max(trained, 1e-9), 2), stage_seconds_left=round(max(0.0, seconds - (time.perf_counter() - t_start)), 1),
+                     loss={k: round(v / n_seen, 4) for k, v in sums.items()}, train_acc=round(correct / n_seen, 4))
+            if time.perf_counter() - t_start >= seconds:
+                done = True
+                break
+        if n_seen and (time.perf_counter() - t_start >= next_eval or done):
+            next_eval = time.perf_counter() - t_start + eval_every
+            acc, _ = evaluate_model(model, val_arrays, val_labels)
+            row = {"stage": stage, "epoch": epoch, **{k: round(v / n_seen, 5) for k, v in sums.items()},
+                   "train_acc": round(correct / n_seen, 5), "val_acc": round(acc, 5), "val_n": len(val_labels),
+                   "images_per_s": round(seen / max(trained, 1e-9), 2), "train_minutes": round(trained / 60, 3),
+                   "elapsed_minutes": round((time.perf_counter() - t_start) / 60, 3)}
+            rows.append(row)
+            log(f"{stage} epoch {epoch}: loss {row['total']:.3f}, train acc {row['train_acc']:.3f}, val acc {acc:.3f}, "
+                f"{row['images_per_s']} img/s")
+            if acc >= best_acc:  # ties: the later, longer-trained weights
+                best_acc, best_state = acc, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    return model.eval(), best_acc, rows
+
+
+def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_job = time.perf_counter()
+    stop = _Stop(run_dir)
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    snap_path = run_dir / "snapshot.json"
+    if not snap_path.exists():
+        take_snapshot(cfg.db, exclude=[p.strip() for p in cfg.exclude_products.split(",") if p.strip()]).save(snap_path)
+    _write_json(run_dir / "config.json", {**asdict(cfg), "recipe": "progressive", "model": "progressive"})
+    snap = Snapshot.load(snap_path)
+    names, n_cls = snap.class_names, len(snap.class_names)
+    val_items = snap.val or snap.test
+    budget = (cfg.max_minutes if cfg.max_minutes else auto_minutes(len(snap.train))) * 60
+    stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+    if not stages or any(s not in STAGES for s in stages) or stages != [s for s in STAGES if s in stages]:
+        raise ValueError(f"--stages must be a comma-separated, ordered subset of {','.join(STAGES)}")
+    size = cfg.input_size or (448 if device.type == "cuda" else 224)
+    state = {"state": "running", "recipe": "progressive", "stages": stages, "stage": "", "results": [], "budget_seconds": round(budget),
+             "products": n_cls, "train_images": len(snap.train), "val_images": len(val_items), "device": str(device), "precision": precision}
+    metrics: list[dict] = []
+
+    def progress(**kw):
+        state.update(kw, updated=time.time(), pid=os.getpid(), elapsed_seconds=round(time.perf_counter() - t_job, 1),
+                     eta_seconds=round(max(0.0, budget - (time.perf_counter() - t_job)), 1))
+        _write_json(run_dir / "progress.json", state)
+
+    def record(rows):
+        for r in rows:
+            metrics.append({**r, "epoch": len(metrics) + 1})
+        atomic_write(run_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(m) + "\n" for m in metrics)))
+
+    log(f"progressive training: {n_cls} products, {len(snap.train)} training / {len(val_items)} validation photos, "
+        f"budget {budget / 60:.1f} min, stages {' -> '.join(stages)}, device {device} {precision}")
+    progress(stage="loading photos")
+    train_arrays, train_labels = _load_arrays(snap.train)
+    val_arrays, val_labels = _load_arrays(val_items)
+    if len(set(train_labels)) < 2:
+        raise ValueError("training needs readable photos of at least two products")
+
+    # what answers now, measured on this run's validation photos: the bar every stage must clear
+    from ntsnet import create_backbone
+
+    torch.manual_seed(cfg.seed)
+    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained).eval().to(memory_format=torch.channels_last)
+    engine = None
+    if device.type == "cpu":
+        with contextlib.suppress(Exception):  # compiled features when OpenVINO is there; eager otherwise
+            from ntsnet import compiled
+
+            engine = compiled.embedder_graphs(backbone, size, compiled.state_key(backbone, "embedder", size))
+    y_train, y_val = torch.as_tensor(train_labels), torch.as_tensor(val_labels)
+    t0 = time.perf_counter()
+    clean_train = pooled_features(backbone, train_arrays, size, engine)
+    val_feats = pooled_features(backbone, val_arrays, size, engine)
+    instant_acc = float((prototype_predictions(clean_train, y_train, val_feats, n_cls) == y_val).float().mean()) if val_labels else float("nan")
+    bar, bar_name = instant_acc, "instant model"
+    current = active.read(cfg.db)
+    if current and not str(current["checkpoint"]).startswith("hf://") and Path(current["checkpoint"]).exists():
+        try:
+            from ntsnet import Predictor
+
+            prev = Predictor.from_checkpoint(current["checkpoint"], backend="torch")
+            prev_acc = accuracy_by_name(prev, val_arrays, val_labels, names)
+            if prev_acc > bar:
+                bar, bar_name = prev_acc, f"active model {active.short_name(current['checkpoint'])}"
+            del prev
+        except Exception as exc:  # an unreadable active model is no bar to clear
+            log(f"could not measure the active model ({exc}); comparing with the instant model")
+    state["instant_val_acc"] = instant_acc
+    state["bar"] = {"val_acc": bar, "model": bar_name}
+    log(f"to beat: {bar_name} at {bar:.1%} on {len(val_labels)} validation photos (instant model {instant_acc:.1%})")
+    best_path: Path | None = None
+
+    def finish_stage(stage, model, acc, scores, extra_rows=()):
+        nonlocal bar, bar_name, best_path
+        path = run_dir / f"stage{STAGES.index(stage) + 1}-{stage}.safetensors"
+        extra = {"stage": stage, "metrics": {"val_acc": acc, "val_n": len(val_labels)}, "class_count": n_cls,
+                 "train_images": len(snap.train), "run_dir": str(run_dir), "train_config": asdict(cfg),
+                 "unknown_threshold": unknown_threshold(scores)}
+        save_checkpoint(path, model, names, extra=extra)
+        verdict = "not proposed"
+        if acc >= bar:
+            best_path = path
+            atomic_write(run_dir / "best.safetensors", lambda tmp: Path(tmp).write_bytes(path.read_bytes()))
+            if cfg.activate:
+                _prebuild_export(path, log)
+                switched, verdict = active.propose(cfg.db, path, acc, bar, val_n=len(val_labels), stage=stage)
+            else:
+                switched, verdict = False, "activation off"
+            bar, bar_name = acc, f"stage {stage}"
+        else:
+            switched, verdict = False, f"kept {bar_name} ({acc:.1%} < {bar:.1%})"
+        state["results"].append({"stage": stage, "val_acc": acc, "active": switched, "verdict": verdict, "checkpoint": str(path),
+                                 "minutes": round((time.perf_counter() - t_job) / 60, 2)})
+        log(f"stage {stage}: validation accuracy {acc:.1%}: {verdict}")
+        progress()
+
+    # ---- stage 1: linear head on frozen features, imprinted from the prototypes
+    classifier = None
+    if "linear" in stages:
+        progress(stage="linear")
+        per_view = (time.perf_counter() - t0) / max(1, len(train_arrays) + len(val_arrays))
+        views = max(1, min(cfg.views, int(0.1 * budget / max(per_view * len(train_arrays), 1e-6))))
+        from PIL import Image
+
+        from .data import store_augment
+
+        feats, labs = [clean_train], [y_train]
+        for v in range(1, views):
+            rng = np.random.default_rng([cfg.seed, 99, v])
+            aug = [np.array(store_augment(Image.fromarray(a), rng)) for a in train_arrays]
+            feats.append(pooled_features(backbone, aug, size, engine))
+            labs.append(y_train)
+            if stop:
+                break
+        feats, labs = torch.cat(feats), torch.cat(labs)
+        head = fit_head(imprinted_head(clean_train, y_train, n_cls), feats, labs, label_smoothing=cfg.label_smoothing)
+        classifier = create_model(NTSConfig(model="baseline", backbone=cfg.backbone, num_classes=n_cls, input_size=size,
+                                            cat_num=0, proposal_num=1), pretrained=False)
+        classifier.backbone.load_state_dict(backbone.state_dict())
+        classifier.raw_head.load_state_dict(head.state_dict())
+        acc, scores = evaluate_model(classifier, val_arrays, val_labels)
+        record([{"stage": "linear", "total": 0.0, "L_I": 0.0, "L_S": 0.0, "L_C": 0.0, "train_acc": None, "val_acc": round(acc, 5),
+                 "val_n": len(val_labels), "views": views, "seconds": round(time.perf_counter() - t0, 1)}])
+        log(f"linear: {views} views of {len(train_arrays)} photos in {time.perf_counter() - t0:.0f} s")
+        finish_stage("linear", classifier, acc, scores)
+    del engine
+
+    # ---- stage 2: end-to-end fine-tune of the classifier
+    left = lambda: budget - (time.perf_counter() - t_job)  # noqa: E731
+    if "finetune" in stages and not stop and left() > 3:
+        if classifier is None:
+            classifier = create_model(NTSConfig(model="baseline", backbone=cfg.backbone, num_classes=n_cls, input_size=size,
+                                                cat_num=0, proposal_num=1), pretrained=False)
+            classifier.backbone.load_state_dict(backbone.state_dict())
+        seconds = left() * (cfg.finetune_share if "ntsnet" in stages else 0.9)  # the rest: final evaluations, export
+        progress(stage="finetune", stage_seconds=round(seconds))
+        model = classifier.to(device).to(memory_format=torch.channels_last) if device.type == "cpu" else classifier.to(device)
+        loss_fn = lambda out, y: nts_loss(out, y, model.config, label_smoothing=cfg.label_smoothing)  # noqa: E731
+        model, acc, rows = _fit(model, loss_fn, snap.train, size, cfg, seconds, device, autocast, stop, progress, "finetune",
+                                (val_arrays, val_labels), log)
+        record(rows)
+        classifier = model.cpu()
+        _, scores = evaluate_model(classifier, val_arrays, val_labels)
+        finish_stage("finetune", classifier, acc, scores)
+
+    # ---- stage 3: NTS-Net warm-started from the classifier
+    if "ntsnet" in stages and not stop and left() > 3:
+        nts_cfg = NTSConfig(model="ntsnet", backbone=cfg.backbone, num_classes=n_cls, input_size=size, part_size=max(32, size // 2),
+                            proposal_num=cfg.proposal_num, cat_num=cfg.cat_num)
+        if classifier is None:
+            classifier = create_model(NTSConfig(model="baseline", backbone=cfg.backbone, num_classes=n_cls, input_size=size,
+                                                cat_num=0, proposal_num=1), pretrained=False)
+            classifier.backbone.load_state_dict(backbone.state_dict())
+        model = ntsnet_from_classifier(classifier, nts_cfg).to(device)
+        if device.type == "cpu":
+            model = model.to(memory_format=torch.channels_last)
+        progress(stage="ntsnet", stage_seconds=round(left() * 0.9))
+        loss_fn = lambda out, y: nts_loss(out, y, nts_cfg, label_smoothing=cfg.label_smoothing)  # noqa: E731
+        # the heads continue stage 2's (not new layers); the Navigator at a high rate lets the ranking loss diverge
+        model, acc, rows = _fit(model, loss_fn, snap.train, size, cfg, left() * 0.9, device, autocast, stop, progress, "ntsnet",
+                                (val_arrays, val_labels), log, head_lr_mult=1.0)
+        record(rows)
+        model = model.cpu()
+        _, scores = evaluate_model(model, val_arrays, val_labels)
+        finish_stage("ntsnet", model, acc, scores)
+
+    final = "cancelled" if stop else "finished"
+    progress(state=final, stage="done", eta_seconds=0, stage_seconds_left=0)
+    log(f"{final} after {(time.perf_counter() - t_job) / 60:.1f} min; "
+        + "; ".join(f"{r['stage']} {r['val_acc']:.1%}{' (active)' if r['active'] else ''}" for r in state["results"]))
+    return {"run_dir": str(run_dir), "state": final, "results": state["results"], "instant_val_acc": instant_acc,
+            "best_checkpoint": str(best_path) if best_path else None}
+
+
+def _prebuild_export(path: Path, log):
+    """Compile the inference export before the app sees the model, so its first live frame does not wait."""
+    try:
+        from ntsnet import Predictor
+
+        p = Predictor.from_checkpoint(path, background=False)
+        if p.engine is None and p.build_error:
+            log(f"compiled export not built ({p.build_error}); the app will answer with eager PyTorch")
+    except Exception as exc:  # never let the export cost the model
+        log(f"compiled export not built ({exc})")
