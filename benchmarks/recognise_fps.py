@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import socket
@@ -83,7 +84,7 @@ def main():
             page.get_by_role("tab", name="Recognise").click()
             start_camera(page)
             page.locator("h2").first.wait_for(timeout=120_000)
-            time.sleep(3)  # warm-up
+            time.sleep(15)  # warm-up; the compiled export builds in the background meanwhile
             # a frame counts when the output image's src changes; not "a URL never seen before": Gradio names
             # files by content, and a looping test video makes identical frames recur
             page.evaluate("""() => { window.__frames = 0; const last = new WeakMap();
@@ -94,16 +95,21 @@ def main():
                     if (m.type === 'attributes' && m.target.tagName === 'IMG') check(m.target);
                     for (const n of m.addedNodes) { if (n.tagName === 'IMG') check(n); else if (n.querySelectorAll) n.querySelectorAll('img').forEach(check); } } })
                 .observe(root, {subtree: true, childList: true, attributes: true, attributeFilter: ['src']}); }""")
-            rates = []
+            rates, answers = [], []
             for w in range(args.windows):
                 before, fetched, cpu0, t0 = page.evaluate("window.__frames"), fetches[0], cpu_seconds(), time.perf_counter()
                 time.sleep(args.seconds)
                 frames, cpu1, dt = page.evaluate("window.__frames") - before, cpu_seconds(), time.perf_counter() - t0
                 rates.append(frames / dt)
                 split = ", ".join(f"{k} {(cpu1[k] - cpu0[k]) / dt:.2f} cores" for k in cpu1)
+                # the app's own count of fresh model answers (frames in between show the newest frame with the last boxes)
+                said = re.search(r"· ([\w .()]+) · ([\d.]+) answers/s", page.inner_text("body"))
+                answers.append(float(said.group(2)) if said else float("nan"))
                 print(f"window {w + 1}: {frames} annotated frames shown in {dt:.1f} s = {rates[-1]:.1f} frames/s; "
+                      f"model answers {answers[-1]:.1f}/s ({said.group(1) if said else '?'}); "
                       f"{(fetches[0] - fetched) / dt:.1f} frame downloads/s ({split})", flush=True)
             browser.close()
+        print(f"model answers: median {statistics.median(answers):.1f}/s (fresh boxes and label)")
         print(f"median {statistics.median(rates):.1f} frames/s end to end, range {min(rates):.1f}-{max(rates):.1f} "
               f"({args.windows} windows of {args.seconds:.0f} s; 640x480 camera at 10 frames/s; {ckpt})")
     finally:

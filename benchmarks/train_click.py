@@ -40,13 +40,13 @@ def build_catalogue(db: Path, coarse: str, per_product: int):
     from dataset_tools.transfer import import_list, read_classes_csv
 
     classes = read_classes_csv(DATA / "classes.csv")
-    wanted = {fine for fine, (_, c) in classes.items() if c == coarse}
+    wanted = {fine for fine, (_, c) in classes.items() if c == coarse or coarse == "all"}
     val_lines = [l for l in (DATA / "val.txt").read_text().splitlines() if l.strip() and int(l.split(",")[1]) in wanted]
     with_val = {int(l.split(",")[1]) for l in val_lines}
     counts: dict[int, int] = {}
     train_lines = []
     for l in (DATA / "train.txt").read_text().splitlines():
-        if l.strip() and int(l.split(",")[1]) in with_val and counts.get(int(l.split(",")[1]), 0) < per_product:
+        if l.strip() and int(l.split(",")[1]) in (wanted if coarse == "all" else with_val) and (per_product <= 0 or counts.get(int(l.split(",")[1]), 0) < per_product):
             counts[int(l.split(",")[1])] = counts.get(int(l.split(",")[1]), 0) + 1
             train_lines.append(l)
     tmp = db.parent
@@ -58,13 +58,14 @@ def build_catalogue(db: Path, coarse: str, per_product: int):
     cat = Catalogue(db)
     import_list(cat, tmp / "train.txt", split="train", progress=False)
     import_list(cat, tmp / "val.txt", split="val", progress=False)
-    return cat, len(with_val), len(train_lines), len(val_lines)
+    return cat, len(counts), len(train_lines), len(val_lines)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--coarse", default="Milk")
-    ap.add_argument("--per-product", type=int, default=14)
+    ap.add_argument("--coarse", default="Milk", help="a coarse class of classes.csv, or 'all' (the full grocery set)")
+    ap.add_argument("--per-product", type=int, default=14, help="training photos per product; 0: all")
+    ap.add_argument("--conditions", action="store_true", help="then evaluate the final active model under store conditions")
     ap.add_argument("--max-minutes", type=float, default=None)
     ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
     args = ap.parse_args()
@@ -104,6 +105,12 @@ def main():
     print(f"active accuracy never went down: {all(b >= a for a, b in zip(accs, accs[1:]))}; "
           f"final active {accs[-1]:.1%} vs instant {instant:.1%} (+{(accs[-1] - instant) * 100:.1f} points)" if accs else "")
     print(json.dumps({"switches": switches, "results": p.get("results"), "instant": instant}))
+    if args.conditions and switches:
+        from training.evaluate import evaluate, format_report
+
+        final = active.read(cat.root)["checkpoint"]
+        report = evaluate(final, cat.root, split="val", out_dir=tmp / "evaluation", progress=False)
+        print(format_report(report))
 
 
 if __name__ == "__main__":

@@ -176,7 +176,8 @@ class OpenVINOGraphs:
         import openvino as ov
 
         core = ov.Core()
-        config = {"INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()), "PERFORMANCE_HINT": "LATENCY"}
+        threads = threads or int(os.environ.get("NTSNET_THREADS", "0")) or torch.get_num_threads()
+        config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"}
         if precision == "fp32":  # OpenVINO would pick bf16 on AMX CPUs by itself
             config["INFERENCE_PRECISION_HINT"] = "f32"
         self.sizes = {name: g["size"] for name, g in manifest["graphs"].items()}

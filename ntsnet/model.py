@@ -50,6 +50,7 @@ class NTSOutput:
     part_scores: torch.Tensor     # (B, P)   Navigator's informativeness I of each selected part
     part_boxes: torch.Tensor      # (B, P, 4) x0, y0, x1, y1 in input (resized) pixels
     part_index: torch.Tensor      # (B, P)   anchor indices
+    part_features: torch.Tensor | None = None  # (B, P, C) what the Teacher and Scrutinizer read (live reuse, see forward)
 
 
 class NTSNet(nn.Module):
@@ -102,9 +103,11 @@ class NTSNet(nn.Module):
         what a compiled engine exports as its second graph."""
         return self.part_features(self.crop_parts(x, rois))
 
-    def forward(self, x: torch.Tensor, num_parts: int | None = None, engine=None) -> NTSOutput:
+    def forward(self, x: torch.Tensor, num_parts: int | None = None, engine=None, reuse=None) -> NTSOutput:
         """``engine``: an object with ``whole_and_scores`` and ``box_features`` computing the same functions
-        elsewhere (a compiled runtime, see compiled.py); NMS, crops and heads stay here, so both share this code."""
+        elsewhere (a compiled runtime, see compiled.py); NMS, crops and heads stay here, so both share this code.
+        ``reuse``: (part_index, part_features) of an earlier frame; when the Navigator picks exactly the same
+        anchors again (a product held still), those part features are used instead of a second backbone pass."""
         cfg = self.config
         if num_parts is None:
             num_parts = cfg.proposal_num if self.training else cfg.cat_num
@@ -124,11 +127,14 @@ class NTSNet(nn.Module):
         if num_parts == 0:
             empty = whole.new_zeros(b, 0, cfg.num_classes)
             return NTSOutput(raw_logits, self.scrutinizer_head(self.dropout(whole)), empty, part_scores, boxes, index)
-        part_feat = engine.box_features(x, self.rois(boxes)).view(b, num_parts, -1)
+        if reuse is not None and reuse[0].shape == index.shape and torch.equal(reuse[0], index):
+            part_feat = reuse[1]
+        else:
+            part_feat = engine.box_features(x, self.rois(boxes)).view(b, num_parts, -1)
         part_logits = self.teacher_head(self.dropout(part_feat))
         concat = torch.cat([part_feat[:, : cfg.cat_num].flatten(1), whole], dim=1)
         concat_logits = self.scrutinizer_head(self.dropout(concat))
-        return NTSOutput(raw_logits, concat_logits, part_logits, part_scores, boxes, index)
+        return NTSOutput(raw_logits, concat_logits, part_logits, part_scores, boxes, index, part_feat)
 
 
 class BaselineClassifier(nn.Module):

@@ -2,6 +2,7 @@ import json
 import pickle
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -154,3 +155,29 @@ def test_bf16_is_chosen_only_where_the_cpu_does_bf16_in_hardware():
     assert not cpu_supports_fast_bf16("flags : fpu sse avx2 avx512f avx512bw avx512vl")  # emulated: slower than fp32
     assert cpu_supports_fast_bf16("flags : fpu avx512f avx512_bf16")
     assert cpu_supports_fast_bf16("flags : fpu amx_bf16 amx_tile")
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_live_memory_reuses_parts_only_when_the_navigator_picks_the_same_anchors(tiny_checkpoint, backend):
+    pytest.importorskip("openvino") if backend == "openvino" else None
+    pred = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32", backend=backend, background=False)
+    rng = np.random.default_rng(21)
+    still = draw_product(rng, "red-box")
+    noisy = [np.clip(still.astype(int) + rng.integers(-3, 4, still.shape), 0, 255).astype(np.uint8) for _ in range(8)]
+    memory = {}
+    for frame in noisy:  # a product held still in front of a camera: sensor noise only
+        live, fresh = pred.predict(frame, memory=memory), pred.predict(frame)
+        assert live.label == fresh.label and abs(live.confidence - fresh.confidence) < 0.02
+        assert [(b.x0, b.y0) for b in live.boxes] == [(b.x0, b.y0) for b in fresh.boxes]
+    assert memory["frames"] == 8 and 0 < memory["reused"] <= 6  # reused, but a full pass at least every 4th frame
+    other = draw_product(rng, "blue-can")
+    before = memory["reused"]
+    assert pred.predict(other, memory=memory).label == pred.predict(other).label
+    if memory["reused"] > before:  # only possible when the Navigator chose the very same anchors
+        assert torch.equal(memory["parts"][0], pred.net(to_tensor(pred, other), num_parts=pred.config.cat_num).part_index)
+
+
+def to_tensor(pred, image):
+    from ntsnet.images import to_input_tensor
+
+    return to_input_tensor([image], pred.config.input_size, pred.model.mean, pred.model.std)

@@ -107,7 +107,8 @@ def evaluate(checkpoint, db, split: str = "test", out_dir=None, conditions=CONDI
 
     from ntsnet import Predictor
 
-    predictor = predictor or Predictor.from_checkpoint(checkpoint, device=device, precision=precision)
+    # background=False: a missing compiled export is built first (seconds), then every photo runs compiled
+    predictor = predictor or Predictor.from_checkpoint(checkpoint, device=device, precision=precision, background=False)
     names = predictor.class_names
     items, unknown = _eval_items(db, names, split)
     unknown_items = _unknown_items(db, names, unknown_products) if unknown_products else []

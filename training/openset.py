@@ -58,7 +58,7 @@ def calibrate_checkpoint(checkpoint, val_items, predictor=None, keep: float = KE
 
     if not val_items:
         return None
-    predictor = predictor or Predictor.from_checkpoint(checkpoint)
+    predictor = predictor or Predictor.from_checkpoint(checkpoint, backend="torch")  # the file is rewritten below: no export for it
     arrays = [np.asarray(im) for im in (load_rgb(it["path"]) for it in val_items) if im is not None]
     scores = []
     for start in range(0, len(arrays), 16):

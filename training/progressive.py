@@ -397,25 +397,27 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     classifier = None
     if "linear" in stages:
         progress(stage="linear")
-        per_view = (time.perf_counter() - t0) / max(1, len(train_arrays) + len(val_arrays))
-        views = max(1, min(cfg.views, int(0.1 * budget / max(per_view * len(train_arrays), 1e-6))))
         from PIL import Image
 
         from .data import store_augment
 
-        feats, labs = [clean_train], [y_train]
-        for v in range(1, views):
+        # views until 5% of the budget is spent (augmenting costs as much as the features): a large catalogue gets fewer
+        feats, labs, t_views, views = [clean_train], [y_train], time.perf_counter(), 1
+        for v in range(1, cfg.views):
+            per_view = (time.perf_counter() - t_views) / max(1, v - 1) if v > 1 else 0.0
+            if v > 1 and (time.perf_counter() - t0) + per_view > 0.05 * budget:
+                break
+            progress(stage="linear", step=v, steps=cfg.views, stage_seconds_left=round(per_view * (cfg.views - v)))
             rng = np.random.default_rng([cfg.seed, 99, v])
             aug = [np.array(store_augment(Image.fromarray(a), rng)) for a in train_arrays]
             feats.append(pooled_features(backbone, aug, size, engine))
             labs.append(y_train)
+            views += 1
             if stop:
                 break
         feats, labs = torch.cat(feats), torch.cat(labs)
         head = fit_head(imprinted_head(clean_train, y_train, n_cls), feats, labs, label_smoothing=cfg.label_smoothing)
-        classifier = create_model(NTSConfig(model="baseline", backbone=cfg.backbone, num_classes=n_cls, input_size=size,
-                                            cat_num=0, proposal_num=1), pretrained=False)
-        classifier.backbone.load_state_dict(backbone.state_dict())
+        classifier = _classifier(cfg, n_cls, size, backbone)
         classifier.raw_head.load_state_dict(head.state_dict())
         acc, scores = evaluate_model(classifier, val_arrays, val_labels)
         record([{"stage": "linear", "total": 0.0, "L_I": 0.0, "L_S": 0.0, "L_C": 0.0, "train_acc": None, "val_acc": round(acc, 5),
@@ -428,9 +430,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     left = lambda: budget - (time.perf_counter() - t_job)  # noqa: E731
     if "finetune" in stages and not stop and left() > 3:
         if classifier is None:
-            classifier = create_model(NTSConfig(model="baseline", backbone=cfg.backbone, num_classes=n_cls, input_size=size,
-                                                cat_num=0, proposal_num=1), pretrained=False)
-            classifier.backbone.load_state_dict(backbone.state_dict())
+            classifier = _classifier(cfg, n_cls, size, backbone)
         seconds = left() * (cfg.finetune_share if "ntsnet" in stages else 0.9)  # the rest: final evaluations, export
         progress(stage="finetune", stage_seconds=round(seconds))
         model = classifier.to(device).to(memory_format=torch.channels_last) if device.type == "cpu" else classifier.to(device)
@@ -447,9 +447,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         nts_cfg = NTSConfig(model="ntsnet", backbone=cfg.backbone, num_classes=n_cls, input_size=size, part_size=max(32, size // 2),
                             proposal_num=cfg.proposal_num, cat_num=cfg.cat_num)
         if classifier is None:
-            classifier = create_model(NTSConfig(model="baseline", backbone=cfg.backbone, num_classes=n_cls, input_size=size,
-                                                cat_num=0, proposal_num=1), pretrained=False)
-            classifier.backbone.load_state_dict(backbone.state_dict())
+            classifier = _classifier(cfg, n_cls, size, backbone)
         model = ntsnet_from_classifier(classifier, nts_cfg).to(device)
         if device.type == "cpu":
             model = model.to(memory_format=torch.channels_last)
@@ -469,6 +467,14 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         + "; ".join(f"{r['stage']} {r['val_acc']:.1%}{' (active)' if r['active'] else ''}" for r in state["results"]))
     return {"run_dir": str(run_dir), "state": final, "results": state["results"], "instant_val_acc": instant_acc,
             "best_checkpoint": str(best_path) if best_path else None}
+
+
+def _classifier(cfg: ProgressiveConfig, n_cls: int, size: int, backbone):
+    """The plain classifier (stages 1-2) on a copy of ``backbone``'s weights, head still to be set."""
+    model = create_model(NTSConfig(model="baseline", backbone=cfg.backbone, num_classes=n_cls, input_size=size, cat_num=0,
+                                   proposal_num=1), pretrained=False)
+    model.backbone.load_state_dict(backbone.state_dict())
+    return model
 
 
 def _prebuild_export(path: Path, log):

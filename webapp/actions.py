@@ -5,6 +5,7 @@ directories, the active model in CATALOGUE/active_model.json. Restarting the app
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ import numpy as np
 from dataset_tools import Catalogue, CatalogueError, DuplicateImage, InvalidImage, assign_splits
 from ntsnet.draw import draw_prediction
 from training import active, jobs
+
+log = logging.getLogger("webapp")
 
 CONDITION_TAGS = ["front", "side", "back", "top", "dark", "bright", "blurry", "far", "close"]
 MIN_PHOTOS_PER_PRODUCT = 5
@@ -80,12 +83,14 @@ class LiveAnswers:
 
     def __init__(self, keep_seconds: float = 60.0, max_sessions: int = 256):
         self._last = SessionMemory(keep_seconds, max_sessions)
-        self._frames = SessionMemory(keep_seconds, max_sessions)  # when each session last sent a frame
+        self._memories = SessionMemory(keep_seconds, max_sessions)  # each session's reusable part features
+        self._news = SessionMemory(keep_seconds, max_sessions)      # an answer not shown yet
         self._times: list[float] = []
         self._lock = threading.Lock()
 
     def answered(self, session: str, answer: tuple, seconds: float):
         self._last.put(session, answer)
+        self._news.put(session, True)
         now = time.monotonic()
         with self._lock:
             self._times = [t for t in self._times if now - t < 5.0] + [now]
@@ -93,17 +98,23 @@ class LiveAnswers:
     def last(self, session: str):
         return self._last.get(session)
 
-    def arrived(self, session: str):
-        self._frames.put(session, True)
+    def memory(self, session: str, predictor) -> dict:
+        """The session's live-video memory for ``predictor`` (a new model starts a new one)."""
+        mem = self._memories.get(session)
+        if mem is None or mem.get("predictor") is not predictor:
+            mem = {"predictor": predictor}
+            self._memories.put(session, mem)
+        return mem
 
-    def my_turn(self, session: str, active_within: float = 1.0) -> bool:
-        """Round robin between live sessions: a session waits while another one that is streaming (a frame in
-        the last second) was answered less recently, so one fast client cannot take every model slot."""
-        now = time.monotonic()
-        mine = self._last.stamp(session) or float("-inf")
-        with self._frames._lock:
-            streaming = [k for k, (t, _) in self._frames._items.items() if k != session and now - t < active_within]
-        return all((self._last.stamp(k) or float("-inf")) >= mine for k in streaming)
+    def take_news(self, session: str) -> bool:
+        """True once per new answer: the caller updates the label and top-5 only then."""
+        news = self._news.get(session, False)
+        if news:
+            self._news.put(session, False)
+        return bool(news)
+
+    def least_recently_answered(self, sessions) -> str:
+        return min(sessions, key=lambda k: self._last.stamp(k) or float("-inf"))
 
     def rate(self) -> float:
         with self._lock:
@@ -115,6 +126,42 @@ class LiveAnswers:
 
     def sessions(self) -> int:
         return len(self._last)
+
+
+class LiveWorker:
+    """One background thread that runs the model on live frames: each session has a slot holding only its newest
+    frame (older ones are replaced, never queued), and the next slot served is the session answered least
+    recently, so several visitors share the model round robin."""
+
+    def __init__(self, studio: "Studio"):
+        self.studio = studio
+        self._slots: dict[str, np.ndarray] = {}
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="live-recognition", daemon=True)
+        self._thread.start()
+
+    def submit(self, session: str, rgb: np.ndarray):
+        with self._cond:
+            self._slots[session] = rgb
+            self._cond.notify()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._slots)
+
+    def _run(self):
+        live = self.studio._live
+        while True:
+            with self._cond:
+                while not self._slots:
+                    self._cond.wait()
+                session = live.least_recently_answered(list(self._slots))
+                rgb = self._slots.pop(session)
+            try:
+                with self.studio._busy:
+                    self.studio._answer(rgb, session, live=True)
+            except Exception as exc:  # a bad frame or a model being swapped must not end live recognition
+                log.warning("live recognition: %s", exc)
 
 
 class Studio:
@@ -133,6 +180,7 @@ class Studio:
         self._busy = threading.Lock()
         self._instant = None
         self._live = LiveAnswers()
+        self._live_worker = None
         if checkpoint:
             self._activate(checkpoint, pin=False)
 
@@ -480,31 +528,51 @@ class Studio:
     def recognise(self, frame, session: str = "-", wait: bool = False) -> Recognition | None:
         """One frame in, the annotated frame and the answer out.
 
-        While the model is busy with an earlier frame, the newest frame is shown with that session's last answer
-        and boxes (marked not fresh) instead of stalling or queueing; None when there is no answer to show yet.
-        ``wait``: a single photo rather than a stream, answered when the model is free."""
+        Live (``wait`` False): the frame goes to the background model worker, which always takes the newest
+        frame of the session that was answered least recently, and this frame comes back at once with the
+        session's latest answer and boxes drawn on it (``fresh`` when that answer is new since the last call).
+        So the picture keeps moving at the camera's pace however slow the model is, and nothing queues.
+        None until the session's first answer exists. ``wait``: a single photo, answered when the model is free."""
         if frame is None:
             return None
         rgb = np.asarray(frame)
-        self._live.arrived(session)
-        got = self._busy.acquire(blocking=wait)
-        if got and not wait and not self._live.my_turn(session):
-            self._busy.release()  # another visitor has waited longer: their frame goes first
-            got = False
-        if not got:
-            last = self._live.last(session)
-            return None if last is None else self._present(rgb, *last, fresh=False)
-        try:
-            predictor, model, backend = self._answerer()
+        if not wait:
+            predictor, model, _ = self._answerer()
             if predictor is None:
-                return Recognition(rgb, "No model yet: collect photos of at least two products (the instant model is ready after "
-                                   "the first few), or train one (Train tab).", 0.0, {}, False, "none")
-            t0 = time.perf_counter()
+                return self._no_model(rgb)
+            self._worker().submit(session, rgb)
+            last = self._live.last(session)
+            if last is None:
+                return None
+            fresh = self._live.take_news(session)
+            return self._present(rgb, *last, fresh=fresh)
+        with self._busy:
+            answer = self._answer(rgb, session, live=False)
+        return self._no_model(rgb) if answer is None else self._present(rgb, *answer, fresh=True)
+
+    def _no_model(self, rgb) -> Recognition:
+        return Recognition(rgb, "No model yet: collect photos of at least two products (the instant model is ready after "
+                           "the first few), or train one (Train tab).", 0.0, {}, False, "none")
+
+    def _answer(self, rgb, session: str, live: bool):
+        """Run the model that answers now on one frame (the caller holds ``_busy``); records and returns the answer."""
+        predictor, model, backend = self._answerer()
+        if predictor is None:
+            return None
+        t0 = time.perf_counter()
+        if live and hasattr(predictor, "unknown_threshold"):  # a trained model: reuse still parts between frames
+            pred = predictor.predict(rgb, memory=self._live.memory(session, predictor))
+        else:
             pred = predictor.predict(rgb)
-            self._live.answered(session, (pred, model, backend), time.perf_counter() - t0)
-            return self._present(rgb, pred, model, backend, fresh=True)
-        finally:
-            self._busy.release()
+        answer = (pred, model, getattr(predictor, "backend_name", backend))
+        self._live.answered(session, answer, time.perf_counter() - t0)
+        return answer
+
+    def _worker(self) -> "LiveWorker":
+        with self._lock:
+            if self._live_worker is None:
+                self._live_worker = LiveWorker(self)
+            return self._live_worker
 
     def _present(self, rgb, pred, model, backend, fresh: bool) -> Recognition:
         sure = pred.confidence >= UNSURE_BELOW and not pred.unknown
