@@ -9,6 +9,8 @@ import os
 import time
 
 import gradio as gr
+import numpy as np
+from PIL import Image
 
 from ntsnet.backbones import list_backbones
 from webapp.actions import CONDITION_TAGS, MAX_BURST_SECONDS, MAX_UPLOAD_MB, SessionMemory, Studio, StudioError
@@ -337,7 +339,9 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
                     summary += f"  \nUnknown products ({o['n_unknown']} photos): AUROC **{o['auroc']:.3f}**"
                     table = [[r["coverage"], r["threshold"], round(r["known_accepted"], 3), round(r["accuracy_on_accepted"], 3),
                               round(r["unknown_rejected"], 3)] for r in o["coverage"]]
-                return summary, rows, rep["confusion_png"], [[m["true"], m["predicted"], m["count"]] for m in rep["most_confused"]], table
+                # pixels, not the file: the catalogue folder (runs included) is never served
+                confusion_img = np.asarray(Image.open(rep["confusion_png"]).convert("RGB"))
+                return summary, rows, confusion_img, [[m["true"], m["predicted"], m["count"]] for m in rep["most_confused"]], table
 
             eval_btn.click(on_evaluate, [split, unknown_box], [eval_summary, conditions, confusion, pairs, open_set])
 

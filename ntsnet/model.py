@@ -156,8 +156,8 @@ class BaselineClassifier(nn.Module):
     def whole_and_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.backbone(x).float().mean((2, 3)), None
 
-    def forward(self, x: torch.Tensor, num_parts: int | None = None, engine=None) -> NTSOutput:
-        whole, _ = (engine or self).whole_and_scores(x)
+    def forward(self, x: torch.Tensor, num_parts: int | None = None, engine=None, reuse=None) -> NTSOutput:
+        whole, _ = (engine or self).whole_and_scores(x)  # no parts: nothing to reuse
         logits = self.raw_head(self.dropout(whole))
         b = x.shape[0]
         none = logits.new_zeros(b, 0)

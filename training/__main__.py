@@ -149,6 +149,7 @@ def build_parser():
     p = sub.add_parser("ablate", help="baseline and K = 0, 2, 4 under one time budget; prints Tables 1 and 2")
     _add_train_args(p)
     p.add_argument("--minutes", type=float, required=True, help="total training minutes, split equally")
+    p.add_argument("--recipe", choices=["paper"], default="paper", help="ablations always use the paper's recipe")
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.set_defaults(func=cmd_ablate)
 
