@@ -443,7 +443,7 @@ class Studio:
             if p.get("instant_val_acc") is not None:
                 lines.append(f"instant model: {p['instant_val_acc']:.1%} on {p.get('val_images', '?')} validation photos")
             for r in p.get("results", []):
-                mark = "✅ active" if r["active"] else "kept the better model"
+                mark = "became the active model" if r["active"] else "not better: the previous model kept answering"
                 lines.append(f"{r['stage']}: {r['val_acc']:.1%} — {mark}")
         elif p.get("epoch"):
             lines.append(f"epoch {p['epoch']}/{p.get('epochs')}, step {p.get('step', '-')}/{p.get('steps', '-')}")
