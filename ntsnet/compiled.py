@@ -218,37 +218,36 @@ def model_graphs(model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
     return graphs
 
 
-def load_or_build(model: nn.Module, checkpoint: Path | None, key: str, precision: str = "auto", build: bool = True) -> CompiledNTS | None:
-    """The compiled engine for ``model`` (an eval-mode inference copy) from the cache, building it if asked.
-    Returns None when nothing usable is cached and ``build`` is False."""
+def _cached_export(out_dir: Path, key: str, make_graphs, build: bool = True, info: dict | None = None) -> dict | None:
+    """The manifest of a verified export in ``out_dir`` for ``key``, building it from ``make_graphs()`` when it is
+    missing, stale or damaged (None when it is and ``build`` is False)."""
     if openvino_version() is None:
         raise BackendUnavailable("OpenVINO is not installed (pip install openvino)")
-    out_dir = export_dir_for(checkpoint, key) if checkpoint else user_cache_dir() / key[:32]
     manifest = check_export(out_dir, key)
-    if manifest is None:
-        if not build:
-            return None
+    if manifest is None and build:
         if out_dir.exists():
             log.info("ntsnet: the cached OpenVINO export in %s is stale or damaged; rebuilding it", out_dir)
-        frozen = copy.deepcopy(model).eval()  # tracing must not race a forward pass on the live model
-        build_export(model_graphs(frozen), out_dir, key, info={"model": model.config.to_dict()})
+        build_export(make_graphs(), out_dir, key, info=info)
         manifest = check_export(out_dir, key)
         if manifest is None:
             raise BackendUnavailable(f"the OpenVINO export in {out_dir} did not verify after building")
-    return CompiledNTS(OpenVINOGraphs(out_dir, manifest, precision=precision))
+    return manifest
+
+
+def load_or_build(model: nn.Module, checkpoint: Path | None, key: str, precision: str = "auto", build: bool = True) -> CompiledNTS | None:
+    """The compiled engine for ``model`` (an eval-mode inference copy) from the cache, building it if asked.
+    Returns None when nothing usable is cached and ``build`` is False."""
+    out_dir = export_dir_for(checkpoint, key) if checkpoint else user_cache_dir() / key[:32]
+    # tracing works on a copy: it must not race a forward pass on the live model
+    manifest = _cached_export(out_dir, key, lambda: model_graphs(copy.deepcopy(model).eval()), build=build,
+                              info={"model": model.config.to_dict()})
+    return None if manifest is None else CompiledNTS(OpenVINOGraphs(out_dir, manifest, precision=precision))
 
 
 def embedder_graphs(backbone: nn.Module, size: int, key: str, precision: str = "auto") -> OpenVINOGraphs:
     """The instant embedder's pooled-feature graph, cached in the user cache under ``key``."""
-    if openvino_version() is None:
-        raise BackendUnavailable("OpenVINO is not installed (pip install openvino)")
     out_dir = user_cache_dir() / key[:32]
-    manifest = check_export(out_dir, key)
-    if manifest is None:
-        build_export({"pooled": (_Pooled(copy.deepcopy(backbone).eval()), size)}, out_dir, key)
-        manifest = check_export(out_dir, key)
-        if manifest is None:
-            raise BackendUnavailable(f"the OpenVINO export in {out_dir} did not verify after building")
+    manifest = _cached_export(out_dir, key, lambda: {"pooled": (_Pooled(copy.deepcopy(backbone).eval()), size)})
     return OpenVINOGraphs(out_dir, manifest, precision=precision)
 
 

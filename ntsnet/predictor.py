@@ -157,11 +157,12 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path, device="auto", precision="auto", fold_batchnorm: bool = True, backend: str = "auto",
-                        background: bool = True) -> "Predictor":
+                        background: bool = True, export_beside: bool = True) -> "Predictor":
+        """``export_beside``: cache the compiled export beside the checkpoint (False: in the user cache)."""
         ckpt = load_checkpoint(path)
         predictor = cls(build_model(ckpt), ckpt.class_names, device=device, precision=precision, fold_batchnorm=fold_batchnorm,
-                        backend=backend, checkpoint_path=Path(path), weights_key=f"{ckpt.sha256}-fold{int(fold_batchnorm)}",
-                        background=background)
+                        backend=backend, checkpoint_path=Path(path) if export_beside else None,
+                        weights_key=f"{ckpt.sha256}-fold{int(fold_batchnorm)}", background=background)
         predictor.extra = ckpt.extra
         predictor.unknown_threshold = (ckpt.extra.get("unknown_threshold") or {}).get("value")
         return predictor
@@ -174,13 +175,8 @@ class Predictor:
 
         repo, rev = parse_hub_ref(repo_id)
         path = download(repo, revision or rev, cache_dir=cache_dir, token=token)
-        ckpt = load_checkpoint(path)
         # the export goes to the user cache, not into the Hub's snapshot folder
-        predictor = cls(build_model(ckpt), ckpt.class_names, device=device, precision=precision, backend=backend,
-                        weights_key=f"{ckpt.sha256}-fold1")
-        predictor.extra = ckpt.extra
-        predictor.unknown_threshold = (ckpt.extra.get("unknown_threshold") or {}).get("value")
-        return predictor
+        return cls.from_checkpoint(path, device=device, precision=precision, backend=backend, export_beside=False)
 
     def _autocast(self):
         if self.precision == "bf16":

@@ -10,8 +10,8 @@ from synthetic import make_dataset
 from dataset_tools import Catalogue, assign_splits
 from ntsnet import NTSConfig, Predictor, create_model
 from training import active, jobs
-from training.progressive import (ProgressiveConfig, imprinted_head, ntsnet_from_classifier, prototype_predictions,
-                                  train_progressive, unknown_threshold)
+from training.openset import threshold_record as unknown_threshold
+from training.progressive import ProgressiveConfig, imprinted_head, ntsnet_from_classifier, prototype_predictions, train_progressive
 
 
 def small_catalogue(root, n_per_class=5, classes=2, seed=0):

@@ -18,6 +18,16 @@ def threshold_for(known_scores, keep: float = KEEP) -> float:
     return float(np.quantile(scores, 1.0 - keep)) if len(scores) else 0.0
 
 
+def threshold_record(known_scores, keep: float = KEEP) -> dict:
+    """What a checkpoint stores as its unknown-product threshold. With fewer than MIN_CALIBRATION_PHOTOS
+    validation photos there is none: the model never answers 'unknown'."""
+    n = len(known_scores)
+    record = {"score": "max_softmax", "value": None, "keep": keep, "n": n}
+    if n < MIN_CALIBRATION_PHOTOS:
+        return {**record, "why": f"fewer than {MIN_CALIBRATION_PHOTOS} validation photos: never answers 'unknown'"}
+    return {**record, "value": threshold_for(known_scores, keep)}
+
+
 def auroc(known_scores, unknown_scores) -> float:
     """P(a known photo scores higher than an unknown one), ties counting half (Mann-Whitney U)."""
     k, u = np.asarray(known_scores, np.float64), np.asarray(unknown_scores, np.float64)
@@ -63,8 +73,8 @@ def calibrate_checkpoint(checkpoint, val_items, predictor=None, keep: float = KE
     scores = []
     for start in range(0, len(arrays), 16):
         scores += [p.confidence for p in predictor.predict_batch(arrays[start:start + 16])]
-    t = threshold_for(scores, keep) if len(scores) >= MIN_CALIBRATION_PHOTOS else None
+    record = threshold_record(scores, keep)
     ckpt = load_checkpoint(checkpoint)
-    extra = {**ckpt.extra, "unknown_threshold": {"score": "max_softmax", "value": t, "keep": keep, "n": len(scores)}}
+    extra = {**ckpt.extra, "unknown_threshold": record}
     save_checkpoint(checkpoint, build_model(ckpt), ckpt.class_names, extra=extra)
-    return t
+    return record["value"]

@@ -43,7 +43,7 @@ from ntsnet.runtime import keep_freed_memory
 
 from . import active
 from .data import PhotoDataset, Snapshot, collate, load_rgb, take_snapshot
-from .openset import MIN_CALIBRATION_PHOTOS, threshold_for
+from .openset import threshold_record
 
 STAGES = ("linear", "finetune", "ntsnet")
 
@@ -193,15 +193,6 @@ def accuracy_by_name(predictor, arrays, labels, class_names) -> float:
         for p, y in zip(predictor.predict_batch(arrays[start:start + 16]), labels[start:start + 16]):
             correct += (p.best_guess or p.label) == class_names[y]
     return correct / len(arrays)
-
-
-def unknown_threshold(scores: list[float]) -> dict | None:
-    """Max-softmax threshold keeping 95% of validation photos, only when there are enough of them: a handful of
-    validation photos gives a threshold that rejects known products, so below that the model never rejects."""
-    if len(scores) < MIN_CALIBRATION_PHOTOS:
-        return {"score": "max_softmax", "value": None, "n": len(scores),
-                "why": f"fewer than {MIN_CALIBRATION_PHOTOS} validation photos: never answers 'unknown'"}
-    return {"score": "max_softmax", "value": threshold_for(scores), "keep": 0.95, "n": len(scores)}
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -374,7 +365,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         path = run_dir / f"stage{STAGES.index(stage) + 1}-{stage}.safetensors"
         extra = {"stage": stage, "metrics": {"val_acc": acc, "val_n": len(val_labels)}, "class_count": n_cls,
                  "train_images": len(snap.train), "run_dir": str(run_dir), "train_config": asdict(cfg),
-                 "unknown_threshold": unknown_threshold(scores)}
+                 "unknown_threshold": threshold_record(scores)}
         save_checkpoint(path, model, names, extra=extra)
         verdict = "not proposed"
         if acc >= bar:

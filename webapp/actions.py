@@ -487,14 +487,6 @@ class Studio:
         return (f"Active model: {active.short_name(checkpoint)} ({len(predictor.class_names)} products)"
                 + (", pinned: training will not replace it." if pin else "."))
 
-    def unpin_model(self) -> str:
-        self._require("training")
-        current = active.read(self.db)
-        if not current:
-            return "No trained model is active."
-        active.write(self.db, current["checkpoint"], **{k: v for k, v in current.items() if k not in ("checkpoint", "since", "pinned")})
-        return f"{active.short_name(current['checkpoint'])} is no longer pinned: training may replace it with a better model."
-
     def _load(self, checkpoint: str):
         from ntsnet import CheckpointError, Predictor
 
@@ -537,14 +529,15 @@ class Studio:
             return None
         rgb = np.asarray(frame)
         if not wait:
-            predictor, model, _ = self._answerer()
-            if predictor is None:
+            last = self._live.last(session)
+            # which model answers is the worker's question; here only a session with no answer yet asks it
+            if last is None and self._answerer()[0] is None:
                 return self._no_model(rgb)
             self._worker().submit(session, rgb)
-            last = self._live.last(session)
+            fresh = self._live.take_news(session)
+            last = self._live.last(session)  # read after the news: the answer shown is never older than what was taken
             if last is None:
                 return None
-            fresh = self._live.take_news(session)
             return self._present(rgb, *last, fresh=fresh)
         with self._busy:
             answer = self._answer(rgb, session, live=False)
