@@ -59,6 +59,7 @@ def main():
     print("\n| what (640x480 frame) | ms |\n|---|---|")
     for name, ms in rows:
         print(f"| NTS-Net Lite0 448/224 K=4, {name} | {ms:.1f} |" if "embedder" not in name else f"| {name} | {ms:.1f} |")
+    print_breakdown(ov, frame, args.runs)
 
     if DATA.exists():
         from PIL import Image
@@ -83,6 +84,29 @@ def main():
             dt = time.perf_counter() - t0
             print(f"evaluation, {len(sub)} photos x {len(CONDITIONS)} conditions, {name}: {dt:.1f} s "
                   f"(= {dt * 300 / len(sub):.0f} s for 300 photos)")
+
+
+def print_breakdown(predictor, frame, runs: int):
+    """Where one OpenVINO frame's time goes: which part a faster runtime could still win back."""
+    from ntsnet.anchors import select_proposals
+    from ntsnet.images import to_input_tensor, to_rgb_array
+
+    net, engine = predictor.net, predictor.engine
+    x = to_input_tensor([frame], net.config.input_size, net.mean, net.std)
+    _, scores = engine.whole_and_scores(x)
+    index = select_proposals(scores, net.anchors, net.config.cat_num, net.config.nms_iou)
+    rois = net.rois(net.anchors[index])
+    parts = {
+        "preprocessing (resize, normalise)": lambda: to_input_tensor([to_rgb_array(frame)], net.config.input_size, net.mean, net.std),
+        "graph 1: backbone 448 + Navigator": lambda: engine.whole_and_scores(x),
+        "NMS over the anchors": lambda: select_proposals(scores, net.anchors, net.config.cat_num, net.config.nms_iou),
+        "graph 2: K crops + backbone 224": lambda: engine.box_features(x, rois),
+        "both graphs, one after the other": lambda: (engine.whole_and_scores(x), engine.box_features(x, rois)),
+        "whole predict()": lambda: predictor.predict(frame),
+    }
+    print("\n| OpenVINO frame, part | ms |\n|---|---|")
+    for name, fn in parts.items():
+        print(f"| {name} | {median_ms(fn, runs, warmup=3):.1f} |")
 
 
 if __name__ == "__main__":

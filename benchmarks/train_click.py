@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--conditions", action="store_true", help="then evaluate the final active model under store conditions")
     ap.add_argument("--max-minutes", type=float, default=None)
     ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--freeze-stride", type=int, default=None, help="passed to the job (default: the job's own, 8 on a CPU)")
     args = ap.parse_args()
     if not DATA.exists():
         sys.exit(f"needs {DATA}")
@@ -80,9 +81,11 @@ def main():
     print(f"catalogue: {n_products} {args.coarse} products, {n_train} training photos, {n_val} validation photos")
     studio = Studio(cat.root)
     t0 = time.time()
-    run = studio.start_training(max_minutes=args.max_minutes) if args.precision == "auto" else None
-    if run is None:  # the same click, with the precision forced (a bf16 CPU measured as an fp32 one)
-        run = jobs.start(cat.root, backbone="efficientnet_lite0", max_minutes=args.max_minutes, precision=args.precision)
+    plain = args.precision == "auto" and args.freeze_stride is None
+    run = studio.start_training(max_minutes=args.max_minutes) if plain else None
+    if run is None:  # the same click, with the precision forced (a bf16 CPU measured as an fp32 one) or a setting varied
+        run = jobs.start(cat.root, backbone="efficientnet_lite0", max_minutes=args.max_minutes, precision=args.precision,
+                         freeze_stride=args.freeze_stride)
     switches, seen = [], None
     while True:
         cur = active.read(cat.root)

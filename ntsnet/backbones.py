@@ -38,6 +38,37 @@ class FeatureBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
+    @torch.no_grad()
+    def early_parameters(self, max_stride: int = 8) -> list[nn.Parameter]:
+        """Parameters of the layers that run before the feature map first shrinks below 1/``max_stride`` of the
+        input (for Lite0: the stem and blocks 0-4; for ResNet-50: conv1 to layer2). Found by running a small
+        input, so any registered backbone answers without a hand-written list."""
+        side, early, seen_smaller = 64, [], False
+        order: list[nn.Module] = []
+
+        def hook(module, _inp, out):
+            nonlocal seen_smaller
+            if seen_smaller or not isinstance(out, torch.Tensor) or out.dim() != 4:
+                return
+            if out.shape[-1] < side // max_stride:
+                seen_smaller = True
+            elif module not in order:
+                order.append(module)
+
+        leaves = [m for m in self.modules() if any(True for _ in m.parameters(recurse=False))]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        was_training = self.training
+        try:
+            self.eval()
+            self(torch.zeros(1, 3, side, side, device=next(self.parameters()).device))
+        finally:
+            for h in handles:
+                h.remove()
+            self.train(was_training)
+        for m in order:
+            early.extend(m.parameters(recurse=False))
+        return early
+
 
 @dataclass(frozen=True)
 class BackboneSpec:

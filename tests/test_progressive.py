@@ -92,7 +92,7 @@ def test_two_products_five_photos_train_through_every_stage(tmp_path):
             assert r["val_acc"] >= bar
             bar, chosen = r["val_acc"], r["checkpoint"]
         else:
-            assert r["val_acc"] < bar or "activation" in r["verdict"]
+            assert r["val_acc"] < bar or "activation" in r["verdict"] or "starting point" in r["verdict"]
     assert max(accs) <= bar or chosen is None
     if chosen:
         assert active.read(cat.root)["checkpoint"] == chosen
@@ -120,3 +120,59 @@ def test_cancel_keeps_the_best_model_so_far_active(tmp_path):
     activated = [r for r in results if r["active"]]
     assert activated and active.read(cat.root)["checkpoint"] == activated[-1]["checkpoint"]
     assert activated[-1]["val_acc"] == max(r["val_acc"] for r in results)
+
+
+def test_early_parameters_are_the_layers_before_stride_8():
+    from ntsnet.backbones import create_backbone
+
+    tiny = create_backbone("tiny", pretrained=False)
+    early = {id(p) for p in tiny.early_parameters(8)}
+    names = sorted({n.rsplit(".", 1)[0] for n, p in tiny.named_parameters() if id(p) in early})
+    assert names == ["features.0", "features.1", "features.3", "features.4", "features.6", "features.7"]  # stride 2, 4, 8
+    lite = create_backbone("efficientnet_lite0", pretrained=False)
+    early = {id(p) for p in lite.early_parameters(8)}
+    frozen_blocks = {int(n.split("_blocks.")[1].split(".")[0]) for n, p in lite.named_parameters() if id(p) in early and "_blocks." in n}
+    assert frozen_blocks >= {0, 1, 2, 3, 4} and 6 not in frozen_blocks  # stages 1-3 (112, 56, 28 px at 224)
+    assert tiny.training and lite.training  # finding them leaves the mode alone
+
+
+def test_finetune_keeps_the_early_layers_frozen_and_trains_the_rest(tmp_path, monkeypatch):
+    import training.progressive as prog
+    from ntsnet.backbones import create_backbone
+    from ntsnet.checkpoint import load_checkpoint
+
+    calls = iter(range(1000))
+    real = prog.evaluate_model
+    # every evaluation "improves", so the stage keeps its last weights rather than the starting ones
+    monkeypatch.setattr(prog, "evaluate_model", lambda *a, **k: (next(calls) / 1000, real(*a, **k)[1]))
+    cat = small_catalogue(tmp_path / "cat", n_per_class=8)
+    cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.2,
+                            stages="finetune", input_size=64, batch_size=4, workers=0, precision="fp32", lr=0.05, activate=False)
+    train_progressive(cfg, log=lambda *a: None)
+    assert cfg.freeze_stride == 8  # the CPU default
+    torch.manual_seed(0)
+    start = create_backbone("tiny", pretrained=False).state_dict()
+    tuned = load_checkpoint(tmp_path / "run" / "stage2-finetune.safetensors").state_dict
+    for name in ("features.0.weight", "features.3.weight", "features.6.weight"):
+        assert torch.equal(tuned["backbone." + name], start[name]), name
+    for name in ("features.9.weight", "features.12.weight"):
+        assert not torch.equal(tuned["backbone." + name], start[name]), name
+
+
+def test_a_stage_that_never_beat_its_start_is_not_proposed(tmp_path, monkeypatch):
+    """Its best weights are its starting ones: the same answers as the model before it (for NTS-Net with an
+    untrained Navigator, and slower), so the earlier model keeps answering."""
+    import training.progressive as prog
+
+    accs = iter([1.0, 1.0] + [0.5] * 100)  # linear stage, fine-tune start, then every later evaluation worse
+    real = prog.evaluate_model
+    monkeypatch.setattr(prog, "evaluate_model", lambda *a, **k: (next(accs), real(*a, **k)[1]))
+    cat = small_catalogue(tmp_path / "cat", n_per_class=8)
+    cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.3,
+                            stages="linear,finetune", input_size=64, views=2, batch_size=4, workers=0, precision="fp32")
+    summary = train_progressive(cfg, log=lambda *a: None)
+    linear, finetune = summary["results"]
+    assert linear["active"] and not finetune["active"]
+    assert "starting point" in finetune["verdict"] and finetune["val_acc"] == 1.0
+    assert active.read(cat.root)["checkpoint"] == linear["checkpoint"]
+    assert summary["best_checkpoint"] == linear["checkpoint"]

@@ -130,6 +130,8 @@ def build_parser():
                    help="progressive (linear -> fine-tune -> NTS-Net, see training/progressive.py) or the paper's "
                         "single NTS-Net run (resumes automatically when RUN_DIR has a saved epoch)")
     p.add_argument("--stages", default=None, help="progressive: ordered subset of linear,finetune,ntsnet")
+    p.add_argument("--freeze-stride", type=int, default=None,
+                   help="progressive: keep the backbone layers up to this stride frozen in stages 2-3 (default 8 on a CPU, 0 = train all on a GPU)")
     p.add_argument("--views", type=int, default=None, help="progressive: augmented views per photo for the linear stage (8)")
     p.add_argument("--no-activate", dest="activate", action="store_false", default=None,
                    help="progressive: do not propose the stages as the catalogue's active model")

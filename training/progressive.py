@@ -7,16 +7,17 @@ answers in Recognise only ever gets better.
 1. linear   (seconds): frozen ImageNet backbone, a linear head on cached features of several augmented views of
             each photo, initialised from the products' prototypes (weight imprinting: before any step it answers
             exactly as the instant prototype model does).
-2. finetune (minutes): the whole network end to end at a small input size, from stage 1's head; warm-up then
+2. finetune (minutes): the network end to end at a small input size, from stage 1's head; warm-up then
             cosine schedule over the time budget, 10x learning rate for the head, label smoothing, store
-            augmentation (training/data.py: framing, rotation, perspective, light, darkness, blur, tiny images).
+            augmentation; on a CPU the layers up to stride 8 stay frozen (twice the photos per minute) (training/data.py: framing, rotation, perspective, light, darkness, blur, tiny images).
 3. ntsnet:  NTS-Net warm-started from stage 2 so its first prediction equals stage 2's at the same input size
             (Teacher head and the whole-image slice of the Scrutinizer take the fine-tuned head, the part slices
             start at zero), then trained with L_I + L_S + L_C. 448/224 px on a GPU, the stage-2 size on a CPU.
 
 After each stage the model is evaluated on the validation photos and proposed to training/active.py: it answers
 from then on if it is at least as accurate as what answers now (the instant model or an earlier model, measured
-on the same photos). Cancel stops the current stage; whatever became active stays active.
+on the same photos). A stage that never beat its own starting weights is saved but not proposed (it would answer
+as the model before it). Cancel stops the current stage; whatever became active stays active.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ class ProgressiveConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     finetune_share: float = 0.55       # of the time left after stage 1; NTS-Net gets the rest
+    freeze_stride: int | None = None   # stages 2-3 keep the layers up to this stride frozen; 0: train all; None: 8 on a CPU, 0 on a GPU
     device: str = "auto"
     precision: str = "auto"
     workers: int = 2
@@ -210,16 +212,20 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
          val, log, head_lr_mult: float | None = None) -> tuple[torch.nn.Module, float, list[dict]]:
     """End-to-end training for ``seconds`` (time-based warm-up + cosine), evaluating on the validation photos
     at intervals and keeping the most accurate weights (the starting weights count as the first candidate).
-    Returns (best model, its val accuracy, metric rows)."""
+    Returns (best model, its val accuracy, metric rows, whether the best weights are trained ones rather than
+    the starting weights)."""
+    frozen = {id(p) for p in model.backbone.early_parameters(cfg.freeze_stride)} if cfg.freeze_stride else set()
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)
     heads = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
-    body = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    body = [p for n, p in model.named_parameters() if n.startswith("backbone.") and id(p) not in frozen]
     base = [cfg.lr, cfg.lr * (cfg.head_lr_mult if head_lr_mult is None else head_lr_mult)]
     opt = torch.optim.SGD([{"params": body, "lr": base[0]}, {"params": heads, "lr": base[1]}], momentum=0.9,
                           weight_decay=cfg.weight_decay, nesterov=True)
     ds = PhotoDataset(items, size, train=True, seed=cfg.seed, mean=model.mean, std=model.std, augment="store")
     val_arrays, val_labels = val
     best_acc, _ = evaluate_model(model, val_arrays, val_labels)
-    best_state, rows = copy.deepcopy(model.state_dict()), []
+    best_state, rows, trained_best = copy.deepcopy(model.state_dict()), [], False
     log(f"{stage}: starts at {best_acc:.1%} on the validation photos")
     t_start, trained, seen, epoch, next_eval = time.perf_counter(), 0.0, 0, 0, 0.0
     eval_every = max(seconds / 8, 20.0)  # evaluations cost time too
@@ -277,9 +283,9 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
             log(f"{stage} epoch {epoch}: loss {row['total']:.3f}, train acc {row['train_acc']:.3f}, val acc {acc:.3f}, "
                 f"{row['images_per_s']} img/s")
             if acc >= best_acc:  # ties: the later, longer-trained weights
-                best_acc, best_state = acc, copy.deepcopy(model.state_dict())
+                best_acc, best_state, trained_best = acc, copy.deepcopy(model.state_dict()), True
     model.load_state_dict(best_state)
-    return model.eval(), best_acc, rows
+    return model.eval(), best_acc, rows, trained_best
 
 
 def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
@@ -292,6 +298,10 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         keep_freed_memory()
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    if cfg.freeze_stride is None:
+        # the early, high-resolution layers cost half of a CPU training step and change least in fine-tuning:
+        # frozen, stage 2 sees ~1.8x more photos in the same minutes (benchmarks/train_throughput.py)
+        cfg.freeze_stride = 0 if device.type == "cuda" else 8
     snap_path = run_dir / "snapshot.json"
     if not snap_path.exists():
         take_snapshot(cfg.db, exclude=[p.strip() for p in cfg.exclude_products.split(",") if p.strip()]).save(snap_path)
@@ -360,15 +370,18 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     log(f"to beat: {bar_name} at {bar:.1%} on {len(val_labels)} validation photos (instant model {instant_acc:.1%})")
     best_path: Path | None = None
 
-    def finish_stage(stage, model, acc, scores, extra_rows=()):
+    def finish_stage(stage, model, acc, scores, trained=True):
+        """``trained``: False when the stage's best weights are the ones it started from: the same answers as the
+        model before it (NTS-Net's Navigator still untrained, and slower), so it is saved but not proposed."""
         nonlocal bar, bar_name, best_path
         path = run_dir / f"stage{STAGES.index(stage) + 1}-{stage}.safetensors"
         extra = {"stage": stage, "metrics": {"val_acc": acc, "val_n": len(val_labels)}, "class_count": n_cls,
                  "train_images": len(snap.train), "run_dir": str(run_dir), "train_config": asdict(cfg),
                  "unknown_threshold": threshold_record(scores)}
         save_checkpoint(path, model, names, extra=extra)
-        verdict = "not proposed"
-        if acc >= bar:
+        if not trained:
+            switched, verdict = False, f"kept {bar_name}: training never beat the stage's starting point ({acc:.1%})"
+        elif acc >= bar:
             best_path = path
             atomic_write(run_dir / "best.safetensors", lambda tmp: Path(tmp).write_bytes(path.read_bytes()))
             if cfg.activate:
@@ -426,12 +439,12 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         progress(stage="finetune", stage_seconds=round(seconds))
         model = classifier.to(device).to(memory_format=torch.channels_last) if device.type == "cpu" else classifier.to(device)
         loss_fn = lambda out, y: nts_loss(out, y, model.config, label_smoothing=cfg.label_smoothing)  # noqa: E731
-        model, acc, rows = _fit(model, loss_fn, snap.train, size, cfg, seconds, device, autocast, stop, progress, "finetune",
+        model, acc, rows, trained = _fit(model, loss_fn, snap.train, size, cfg, seconds, device, autocast, stop, progress, "finetune",
                                 (val_arrays, val_labels), log)
         record(rows)
         classifier = model.cpu()
         _, scores = evaluate_model(classifier, val_arrays, val_labels)
-        finish_stage("finetune", classifier, acc, scores)
+        finish_stage("finetune", classifier, acc, scores, trained)
 
     # ---- stage 3: NTS-Net warm-started from the classifier
     if "ntsnet" in stages and not stop and left() > 3:
@@ -445,12 +458,12 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         progress(stage="ntsnet", stage_seconds=round(left() * 0.9))
         loss_fn = lambda out, y: nts_loss(out, y, nts_cfg, label_smoothing=cfg.label_smoothing)  # noqa: E731
         # the heads continue stage 2's (not new layers); the Navigator at a high rate lets the ranking loss diverge
-        model, acc, rows = _fit(model, loss_fn, snap.train, size, cfg, left() * 0.9, device, autocast, stop, progress, "ntsnet",
+        model, acc, rows, trained = _fit(model, loss_fn, snap.train, size, cfg, left() * 0.9, device, autocast, stop, progress, "ntsnet",
                                 (val_arrays, val_labels), log, head_lr_mult=1.0)
         record(rows)
         model = model.cpu()
         _, scores = evaluate_model(model, val_arrays, val_labels)
-        finish_stage("ntsnet", model, acc, scores)
+        finish_stage("ntsnet", model, acc, scores, trained)
 
     final = "cancelled" if stop else "finished"
     progress(state=final, stage="done", eta_seconds=0, stage_seconds_left=0)
