@@ -37,13 +37,12 @@ def main():
     from ntsnet import NTSConfig, nts_loss
     from ntsnet.checkpoint import build_model, load_checkpoint
     from training.data import Snapshot
-    from training.progressive import ProgressiveConfig, _fit, _load_arrays, ntsnet_from_classifier
+    from training.progressive import ProgressiveConfig, _fit, _load_arrays, ntsnet_from_classifier, resolve_freeze_stride
 
     run = Path(args.run)
     saved = json.loads((run / "config.json").read_text())
     cfg = ProgressiveConfig(**{f.name: saved[f.name] for f in fields(ProgressiveConfig) if f.name in saved})
-    if cfg.freeze_stride is None:
-        cfg.freeze_stride = 8
+    cfg.freeze_stride = resolve_freeze_stride(cfg.freeze_stride, torch.device("cpu"))
     snap = Snapshot.load(run / "snapshot.json")
     start = build_model(load_checkpoint(run / "stage2-finetune.safetensors")).eval()
     size = start.config.input_size
@@ -69,7 +68,7 @@ def main():
         model, best, rows, _ = _fit(model, loss_fn, snap.train, size, cfg, args.minutes * 60, torch.device("cpu"),
                                  contextlib.nullcontext, False, lambda **_: None, arm, val, lambda *a: print(" ", *a, flush=True),
                                  head_lr_mult=head_mult)
-        seen = sum(r["images_per_s"] * r["train_minutes"] * 60 for r in rows[-1:])
+        seen = rows[-1]["images_per_s"] * rows[-1]["train_minutes"] * 60 if rows else 0
         results.append({"arm": arm, "best_val_acc": best, "last_val_acc": rows[-1]["val_acc"] if rows else None,
                         "images_per_s": rows[-1]["images_per_s"] if rows else None, "images_seen": round(seen),
                         "minutes": round((time.perf_counter() - t0) / 60, 2), "curve": [(r["elapsed_minutes"], r["val_acc"]) for r in rows]})

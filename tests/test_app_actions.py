@@ -115,7 +115,11 @@ def test_train_through_the_job_runner_then_recognise_and_evaluate(studio):
     rep = again.evaluate("train")
     assert rep["accuracy"] > 0.8 and Path(rep["confusion_png"]).exists() and "dark" in rep["conditions"]
     # review helpers: relabel one photo wrongly, it is listed first as a possible mislabel
-    wrong = again.catalogue.images(product="red-box")[0]["id"]
+    # the photo the model is surest is red-box: a borderline one (a 12-epoch tiny model has some) would make the
+    # expected answer a coin toss between near-equal products
+    reds = again.catalogue.images(product="red-box")
+    preds = again.predictor().predict_batch([again.catalogue.image_path(i) for i in reds])
+    wrong = max(zip(reds, preds), key=lambda rp: dict(rp[1].top5).get("red-box", 0.0))[0]["id"]
     again.move_photos([wrong], "green-pack")
     mis = again.possible_mislabels()
     flagged = {m["id"]: m for m in mis}

@@ -176,3 +176,21 @@ def test_a_stage_that_never_beat_its_start_is_not_proposed(tmp_path, monkeypatch
     assert "starting point" in finetune["verdict"] and finetune["val_acc"] == 1.0
     assert active.read(cat.root)["checkpoint"] == linear["checkpoint"]
     assert summary["best_checkpoint"] == linear["checkpoint"]
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--recipe", "paper", "--freeze-stride", "4"], "--freeze-stride belongs to the default recipe"),
+    (["--recipe", "paper", "--no-activate"], "--no-activate belongs to the default recipe"),
+    (["--epochs", "3"], "--epochs belongs to the paper's recipe"),
+    (["--freeze-stride", "-8"], "--freeze-stride must be 0"),
+    (["--stages", "ntsnet,linear"], "--stages must be"),
+])
+def test_a_flag_the_recipe_would_ignore_or_a_bad_setting_is_one_clear_line(tmp_path, capsys, flags, says):
+    from training.__main__ import main
+
+    cat = small_catalogue(tmp_path / "cat")
+    out = tmp_path / "run"
+    assert main(["train", "--db", str(cat.root), "--out", str(out), "--backbone", "tiny", "--no-pretrained", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and says in err, err
+    assert not out.exists()  # nothing written

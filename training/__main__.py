@@ -42,6 +42,17 @@ def _add_train_args(p, with_db_out=True):
 
 
 PAPER_ONLY = ("model", "epochs", "part_size", "momentum", "max_train_images", "init_from")
+PROGRESSIVE_ONLY = ("stages", "views", "freeze_stride", "activate")
+
+
+def _refuse_other_recipe(given: dict, recipe: str):
+    """A flag of the other recipe would be silently ignored: say so instead, before anything runs."""
+    other, hint = (PROGRESSIVE_ONLY, "the default recipe's: drop it or drop --recipe paper") if recipe == "paper" else \
+        (PAPER_ONLY, "the paper's recipe: add --recipe paper (the default recipe plans its stages from --max-minutes)")
+    wrong = sorted(k for k in other if k in given)
+    if wrong:
+        flag = "--no-activate" if wrong[0] == "activate" else "--" + wrong[0].replace("_", "-")
+        raise DataError(f"{flag} belongs to {hint}")
 
 
 def _given(args) -> dict:
@@ -57,10 +68,7 @@ def _progressive_config(args):
     from .progressive import ProgressiveConfig
 
     given = _given(args)
-    paper = sorted(k for k in PAPER_ONLY if k in given)
-    if paper:
-        raise DataError(f"--{paper[0].replace('_', '-')} belongs to the paper's recipe: add --recipe paper "
-                        "(the default recipe plans its stages from --max-minutes)")
+    _refuse_other_recipe(given, "progressive")
     names = {f.name for f in fields(ProgressiveConfig)}
     return ProgressiveConfig(**{k: v for k, v in given.items() if k in names})
 
@@ -69,6 +77,7 @@ def cmd_train(args):
     if args.recipe == "paper":
         from .train import train
 
+        _refuse_other_recipe(_given(args), "paper")
         summary = train(_train_config(args))
         return 0 if summary["state"] == "finished" else 1
     from .progressive import train_progressive

@@ -9,7 +9,8 @@ answers in Recognise only ever gets better.
             exactly as the instant prototype model does).
 2. finetune (minutes): the network end to end at a small input size, from stage 1's head; warm-up then
             cosine schedule over the time budget, 10x learning rate for the head, label smoothing, store
-            augmentation; on a CPU the layers up to stride 8 stay frozen (twice the photos per minute) (training/data.py: framing, rotation, perspective, light, darkness, blur, tiny images).
+            augmentation (training/data.py: framing, rotation, perspective, light, darkness, blur, tiny images).
+            On a CPU the layers up to stride 8 stay frozen: about twice the photos per minute.
 3. ntsnet:  NTS-Net warm-started from stage 2 so its first prediction equals stage 2's at the same input size
             (Teacher head and the whole-image slice of the Scrutinizer take the fine-tuned head, the part slices
             start at zero), then trained with L_I + L_S + L_C. 448/224 px on a GPU, the stage-2 size on a CPU.
@@ -43,7 +44,7 @@ from ntsnet.predictor import resolve_device
 from ntsnet.runtime import keep_freed_memory
 
 from . import active
-from .data import PhotoDataset, Snapshot, collate, load_rgb, take_snapshot
+from .data import DataError, PhotoDataset, Snapshot, collate, load_rgb, take_snapshot
 from .openset import threshold_record
 
 STAGES = ("linear", "finetune", "ntsnet")
@@ -74,6 +75,16 @@ class ProgressiveConfig:
     seed: int = 0
     exclude_products: str = ""
     activate: bool = True              # propose each stage to the catalogue's active model
+
+
+def resolve_freeze_stride(requested: int | None, device: torch.device) -> int:
+    """None: 8 on a CPU (the early, high-resolution layers cost half of a training step there and change least in
+    fine-tuning: frozen, stage 2 sees ~1.8x more photos in its minutes), 0 (train everything) on a GPU."""
+    if requested is None:
+        return 0 if device.type == "cuda" else 8
+    if requested < 0:
+        raise DataError(f"--freeze-stride must be 0 (train every layer) or a stride such as 4, 8, 16; got {requested}")
+    return requested
 
 
 def auto_minutes(n_train: int) -> float:
@@ -289,19 +300,20 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
 
 
 def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
+    # settings first: a wrong one is one clear line, before the run directory exists
+    stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+    if not stages or any(s not in STAGES for s in stages) or stages != [s for s in STAGES if s in stages]:
+        raise DataError(f"--stages must be a comma-separated, ordered subset of {','.join(STAGES)}")
+    device = resolve_device(cfg.device)
+    cfg.freeze_stride = resolve_freeze_stride(cfg.freeze_stride, device)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_job = time.perf_counter()
     stop = _Stop(run_dir)
-    device = resolve_device(cfg.device)
     if device.type == "cpu":
         keep_freed_memory()
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
-    if cfg.freeze_stride is None:
-        # the early, high-resolution layers cost half of a CPU training step and change least in fine-tuning:
-        # frozen, stage 2 sees ~1.8x more photos in the same minutes (benchmarks/train_throughput.py)
-        cfg.freeze_stride = 0 if device.type == "cuda" else 8
     snap_path = run_dir / "snapshot.json"
     if not snap_path.exists():
         take_snapshot(cfg.db, exclude=[p.strip() for p in cfg.exclude_products.split(",") if p.strip()]).save(snap_path)
@@ -310,9 +322,6 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     names, n_cls = snap.class_names, len(snap.class_names)
     val_items = snap.val or snap.test
     budget = (cfg.max_minutes if cfg.max_minutes else auto_minutes(len(snap.train))) * 60
-    stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
-    if not stages or any(s not in STAGES for s in stages) or stages != [s for s in STAGES if s in stages]:
-        raise ValueError(f"--stages must be a comma-separated, ordered subset of {','.join(STAGES)}")
     size = cfg.input_size or (448 if device.type == "cuda" else 224)
     state = {"state": "running", "recipe": "progressive", "stages": stages, "stage": "", "results": [], "budget_seconds": round(budget),
              "products": n_cls, "train_images": len(snap.train), "val_images": len(val_items), "device": str(device), "precision": precision}
