@@ -17,6 +17,9 @@ from webapp.actions import CONDITION_TAGS, MAX_BURST_SECONDS, MAX_UPLOAD_MB, Ses
 from webapp.plots import training_curves
 
 TITLE = "Product recogniser (NTS-Net)"
+# how often the browser sends a live frame (after the answer to the last one). 15 or 20 showed more frames but
+# fewer fresh answers on 2 cores: the browser's encoding took the model's CPU (README, recognise_fps.py --live-fps)
+LIVE_FPS = float(os.environ.get("NTSNET_LIVE_FPS", "10"))
 
 
 def camera_constraints(width: int, height: int) -> dict:
@@ -306,7 +309,7 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
 
         # the browser sends the next frame only after the answer to the last one (frames in between are dropped,
         # not queued); recognise() also drops any frame that arrives while one is being processed
-        live.stream(on_recognise, [live], [annotated, answer, top5], stream_every=0.1, concurrency_limit=None, show_progress="hidden")
+        live.stream(on_recognise, [live], [annotated, answer, top5], stream_every=1 / LIVE_FPS, concurrency_limit=None, show_progress="hidden")
         def on_photo(image, request: gr.Request):
             return on_recognise(image, request, wait=True)
 
@@ -360,6 +363,8 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint", default=None, help="model to activate: a .safetensors file, a run name, or hf://user/repo")
     ap.add_argument("--backend", default=os.environ.get("NTSNET_BACKEND", "auto"), choices=["auto", "torch", "openvino"],
                     help="inference runtime: auto = OpenVINO on a CPU (compiled in the background, cached), PyTorch on a GPU")
+    ap.add_argument("--live-threads", type=int, default=None,
+                    help="threads for the live model (default: all cores, less one when the browser runs on this machine)")
     ap.add_argument("--auth", default=os.environ.get("APP_AUTH"), help="user:pass to require a login (or the APP_AUTH secret)")
     ap.add_argument("--share", action="store_true", help="create a public gradio.live link")
     ap.add_argument("--no-capture", action="store_true", help="no Collect, Label or Evaluate (a recognise-only demo)")
@@ -397,6 +402,20 @@ def check_exposure(args) -> str | None:
     return None
 
 
+def live_threads(args, cores: int | None = None) -> int | None:
+    """Threads for the live model. A browser on this machine (the app serves only loopback) decodes the camera and
+    encodes every frame on the same cores; on 2 cores, leaving it one gave 17-38% more fresh answers per second
+    (benchmarks/recognise_fps.py, README). A remote browser (a Space, --host 0.0.0.0, --share): all cores."""
+    if args.live_threads is not None:
+        if args.live_threads < 1:
+            raise SystemExit("--live-threads must be at least 1")
+        return args.live_threads
+    if args.share or args.host not in LOOPBACK:
+        return None
+    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return max(1, cores - 1) if cores > 1 else None
+
+
 def main(argv=None):
     args = parse_args(argv)
     why = check_exposure(args)
@@ -406,7 +425,7 @@ def main(argv=None):
     if args.auth and len(auth) != 2:
         raise SystemExit("--auth must look like user:password")
     studio = Studio(args.db, checkpoint=args.checkpoint, backend=args.backend, allow_capture=not args.no_capture,
-                    allow_training=not args.no_training)
+                    allow_training=not args.no_training, live_threads=live_threads(args))
     demo = build_app(studio, allow_capture=not args.no_capture, allow_training=not args.no_training)
     # nothing of the catalogue is served as a file: galleries get thumbnails through Gradio's own cache
     demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, auth=auth, share=args.share,

@@ -50,6 +50,9 @@ def main():
     ap.add_argument("--checkpoint")
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--windows", type=int, default=5)
+    ap.add_argument("--live-fps", type=float, help="how often the page sends a frame (the app's LIVE_FPS; default: the app's)")
+    ap.add_argument("--live-threads", type=int, help="the app's --live-threads (default: the app's rule)")
+    ap.add_argument("--camera-fps", type=int, default=30, help="the fake webcam's frame rate (a real webcam: 30)")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -64,10 +67,12 @@ def main():
         ckpt = str(tmp / "random.safetensors")
         save_checkpoint(ckpt, model, [f"product {i}" for i in range(10)])
     video = tmp / "cam.y4m"
-    write_y4m(video, "red-box", w=640, h=480, frames=20)
+    write_y4m(video, "red-box", w=640, h=480, frames=2 * args.camera_fps, fps=args.camera_fps)
     port = free_port()
-    app = subprocess.Popen([sys.executable, "app.py", "--db", str(tmp / "cat"), "--port", str(port), "--checkpoint", ckpt],
-                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    app = subprocess.Popen([sys.executable, "app.py", "--db", str(tmp / "cat"), "--port", str(port), "--checkpoint", ckpt]
+                           + (["--live-threads", str(args.live_threads)] if args.live_threads else []),
+                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={**os.environ, **({"NTSNET_LIVE_FPS": str(args.live_fps)} if args.live_fps else {})})
     try:
         for _ in range(120):
             try:
@@ -111,7 +116,7 @@ def main():
             browser.close()
         print(f"model answers: median {statistics.median(answers):.1f}/s (fresh boxes and label)")
         print(f"median {statistics.median(rates):.1f} frames/s end to end, range {min(rates):.1f}-{max(rates):.1f} "
-              f"({args.windows} windows of {args.seconds:.0f} s; 640x480 camera at 10 frames/s; {ckpt})")
+              f"({args.windows} windows of {args.seconds:.0f} s; 640x480 camera at {args.camera_fps} frames/s, page sends up to {args.live_fps or 'the app default'}/s, live threads {args.live_threads or 'the app default'}; {ckpt})")
     finally:
         app.terminate()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -177,12 +177,19 @@ class OpenVINOGraphs:
 
         core = ov.Core()
         threads = threads or int(os.environ.get("NTSNET_THREADS", "0")) or torch.get_num_threads()
+        self.out_dir, self.manifest, self.threads, self.precision = Path(out_dir), manifest, int(threads), precision
         config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"}
         if precision == "fp32":  # OpenVINO would pick bf16 on AMX CPUs by itself
             config["INFERENCE_PRECISION_HINT"] = "f32"
         self.sizes = {name: g["size"] for name, g in manifest["graphs"].items()}
         self._compiled = {name: core.compile_model(str(Path(out_dir) / f"{name}.xml"), "CPU", config) for name in self.sizes}
         self._local = threading.local()  # an infer request is not thread-safe: one per thread
+
+    def with_threads(self, threads: int) -> "OpenVINOGraphs":
+        """The same graphs compiled for another thread count (a second compilation of the cached export)."""
+        if int(threads) == self.threads:
+            return self
+        return OpenVINOGraphs(self.out_dir, self.manifest, threads=threads, precision=self.precision)
 
     def run(self, name: str, *inputs) -> list[torch.Tensor]:
         requests = self._local.__dict__.setdefault("requests", {})
@@ -201,6 +208,17 @@ class CompiledNTS:
 
     def __init__(self, graphs: OpenVINOGraphs):
         self.graphs = graphs
+        self._variants: dict[int, CompiledNTS] = {}
+        self._variants_lock = threading.Lock()
+
+    def with_threads(self, threads: int) -> "CompiledNTS":
+        """This engine on ``threads`` threads, compiled once and kept (the live stream asks on every frame)."""
+        if int(threads) == self.graphs.threads:
+            return self
+        with self._variants_lock:
+            if threads not in self._variants:
+                self._variants[threads] = CompiledNTS(self.graphs.with_threads(threads))
+            return self._variants[threads]
 
     def whole_and_scores(self, x):
         out = self.graphs.run("whole", x)

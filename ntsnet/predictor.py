@@ -109,6 +109,8 @@ class Predictor:
         self.extra: dict = {}
         self.unknown_threshold: float | None = None  # max-softmax below this -> "unknown" (calibrated on val)
         self.engine = None                            # a compiled engine once ready (compiled.CompiledNTS)
+        # threads of the compiled engine for live video (None: all); see Studio's live_threads
+        self.live_threads: int | None = None
         self.backend = compiled.resolve_backend(backend, self.device)
         self.build_error: str | None = None
         self._build_thread: threading.Thread | None = None
@@ -194,6 +196,8 @@ class Predictor:
         size = self.config.input_size
         x = to_input_tensor(arrays, size, self.model.mean, self.model.std).to(self.device)
         engine = self.engine  # read once: a background build may swap it in between frames
+        if engine is not None and memory is not None and self.live_threads:
+            engine = engine.with_threads(self.live_threads)
         reuse = None
         if memory is not None and len(arrays) == 1 and memory.get("age", refresh_every) < refresh_every - 1 \
                 and memory.get("engine") is engine and memory.get("size") == arrays[0].shape:

@@ -236,6 +236,19 @@ def test_app_builds_and_parses_its_flags(studio):
     assert args.port == 9999 and args.auth == "a:b" and args.no_capture
 
 
+def test_live_model_leaves_a_core_to_a_browser_on_this_machine():
+    import app
+
+    assert app.live_threads(app.parse_args([]), cores=2) == 1          # serving loopback: the browser is here
+    assert app.live_threads(app.parse_args([]), cores=8) == 7
+    assert app.live_threads(app.parse_args([]), cores=1) is None
+    assert app.live_threads(app.parse_args(["--host", "0.0.0.0"]), cores=2) is None  # a Space: browsers elsewhere
+    assert app.live_threads(app.parse_args(["--share"]), cores=2) is None
+    assert app.live_threads(app.parse_args(["--live-threads", "2"]), cores=2) == 2
+    with pytest.raises(SystemExit, match="at least 1"):
+        app.live_threads(app.parse_args(["--live-threads", "0"]), cores=2)
+
+
 def test_webcams_ask_for_modest_frames_not_gradios_1920x1440(studio):
     import app
 

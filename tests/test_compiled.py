@@ -30,6 +30,26 @@ def test_compiled_answers_match_eager(tiny_checkpoint):
         assert np.allclose([x.score for x in a.boxes], [x.score for x in b.boxes], atol=1e-4)
 
 
+def test_live_frames_run_on_the_live_thread_count_with_the_same_answers(tiny_checkpoint):
+    """A browser on this machine gets a core: live frames use a second compilation on fewer threads."""
+    fast = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32", backend="openvino", background=False)
+    fast.engine = fast.engine.with_threads(2)
+    assert fast.engine.with_threads(2) is fast.engine
+    images = _images(fast.class_names, n=1)
+    plain = fast.predict_batch(images)
+    fast.live_threads = 1
+    memory: dict = {}
+    for image, a in zip(images, plain):
+        memory.clear()
+        b = fast.predict(image, memory=memory)
+        assert a.label == b.label and abs(a.confidence - b.confidence) < 1e-4
+        assert [(x.x0, x.y0, x.x1, x.y1) for x in a.boxes] == [(x.x0, x.y0, x.x1, x.y1) for x in b.boxes]
+    live = memory["engine"]
+    assert live is not fast.engine and live.graphs.threads == 1 and fast.engine.with_threads(1) is live
+    assert fast.predict(images[0]).label == plain[0].label  # single photos keep every thread
+    assert fast.engine.graphs.threads == 2
+
+
 def test_exported_graphs_match_features_of_a_real_backbone(tmp_path):
     """Lite0 with its ImageNet weights (TF-same padding, folded BatchNorm), boxes partly outside the image."""
     torch.manual_seed(0)

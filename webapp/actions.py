@@ -166,11 +166,13 @@ class LiveWorker:
 
 class Studio:
     def __init__(self, db, checkpoint: str | None = None, backend: str = "auto", allow_capture: bool = True,
-                 allow_training: bool = True):
+                 allow_training: bool = True, live_threads: int | None = None):
         """``allow_capture`` / ``allow_training`` False: every action that writes the catalogue, reads its photos,
-        or trains refuses on the server, whatever the page shows (a recognise-only demo)."""
+        or trains refuses on the server, whatever the page shows (a recognise-only demo). ``live_threads``: threads
+        of the compiled model for the live stream (None: all cores; app.py leaves one to a browser on this machine)."""
         self.db = Path(db)
         self.backend = backend
+        self.live_threads = live_threads
         self.allow_capture, self.allow_training = allow_capture, allow_training
         self._thumbs: dict[str, np.ndarray] = {}
         self.catalogue = Catalogue(self.db)
@@ -492,10 +494,13 @@ class Studio:
 
         try:
             if str(checkpoint).startswith("hf://"):
-                return Predictor.from_pretrained(str(checkpoint)[5:], backend=self.backend)
-            return Predictor.from_checkpoint(checkpoint, backend=self.backend)
+                predictor = Predictor.from_pretrained(str(checkpoint)[5:], backend=self.backend)
+            else:
+                predictor = Predictor.from_checkpoint(checkpoint, backend=self.backend)
         except (CheckpointError, OSError, ValueError) as exc:
             raise StudioError(f"Cannot load model {checkpoint}: {exc}") from None
+        predictor.live_threads = self.live_threads
+        return predictor
 
     def predictor(self):
         path = self.active_checkpoint()
