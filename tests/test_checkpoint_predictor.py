@@ -181,3 +181,18 @@ def to_tensor(pred, image):
     from ntsnet.images import to_input_tensor
 
     return to_input_tensor([image], pred.config.input_size, pred.model.mean, pred.model.std)
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_model_input_is_the_training_photos_resize(size):
+    """Inference resizes like training (PIL bilinear, training/data.py): within one grey level, normalised."""
+    from ntsnet.images import to_input_tensor
+    from training.data import to_tensor as training_tensor
+
+    rng = np.random.default_rng(3)
+    frame = draw_product(rng, "red-box", size=320, height=240)
+    x = to_input_tensor([frame, np.ascontiguousarray(frame[::-1])], size, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    assert x.shape == (2, 3, size, size) and x.dtype == torch.float32
+    ref = training_tensor(Image.fromarray(frame), size, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    grey_levels = ((x[0] - ref) * torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1) * 255).abs()
+    assert grey_levels.max() <= 1.01 and grey_levels.mean() < 0.5
