@@ -19,7 +19,7 @@ from webapp.plots import training_curves
 TITLE = "Product recogniser (NTS-Net)"
 # how often the browser sends a live frame (after the answer to the last one). 15 or 20 showed more frames but
 # fewer fresh answers on 2 cores: the browser's encoding took the model's CPU (README, recognise_fps.py --live-fps)
-LIVE_FPS = float(os.environ.get("NTSNET_LIVE_FPS", "10"))
+LIVE_FPS = 10.0
 
 
 def camera_constraints(width: int, height: int) -> dict:
@@ -28,7 +28,7 @@ def camera_constraints(width: int, height: int) -> dict:
     return {"video": {"width": {"ideal": width}, "height": {"ideal": height}}, "audio": False}
 
 
-def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool = True) -> gr.Blocks:
+def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool = True, live_fps: float = LIVE_FPS) -> gr.Blocks:
     latest_frames = SessionMemory(keep_seconds=120)  # session -> last webcam frame (Collect tab); forgotten when idle
 
     def fail(exc):
@@ -309,7 +309,7 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
 
         # the browser sends the next frame only after the answer to the last one (frames in between are dropped,
         # not queued); recognise() also drops any frame that arrives while one is being processed
-        live.stream(on_recognise, [live], [annotated, answer, top5], stream_every=1 / LIVE_FPS, concurrency_limit=None, show_progress="hidden")
+        live.stream(on_recognise, [live], [annotated, answer, top5], stream_every=1 / live_fps, concurrency_limit=None, show_progress="hidden")
         def on_photo(image, request: gr.Request):
             return on_recognise(image, request, wait=True)
 
@@ -365,6 +365,7 @@ def parse_args(argv=None):
                     help="inference runtime: auto = OpenVINO on a CPU (compiled in the background, cached), PyTorch on a GPU")
     ap.add_argument("--live-threads", type=int, default=None,
                     help="threads for the live model (default: all cores, less one when the browser runs on this machine)")
+    ap.add_argument("--live-fps", type=float, default=LIVE_FPS, help="live frames the page sends per second at most")
     ap.add_argument("--auth", default=os.environ.get("APP_AUTH"), help="user:pass to require a login (or the APP_AUTH secret)")
     ap.add_argument("--share", action="store_true", help="create a public gradio.live link")
     ap.add_argument("--no-capture", action="store_true", help="no Collect, Label or Evaluate (a recognise-only demo)")
@@ -421,12 +422,14 @@ def main(argv=None):
     why = check_exposure(args)
     if why:
         raise SystemExit(why)
+    if not args.live_fps > 0:
+        raise SystemExit("--live-fps must be more than 0")
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     if args.auth and len(auth) != 2:
         raise SystemExit("--auth must look like user:password")
     studio = Studio(args.db, checkpoint=args.checkpoint, backend=args.backend, allow_capture=not args.no_capture,
                     allow_training=not args.no_training, live_threads=live_threads(args))
-    demo = build_app(studio, allow_capture=not args.no_capture, allow_training=not args.no_training)
+    demo = build_app(studio, allow_capture=not args.no_capture, allow_training=not args.no_training, live_fps=args.live_fps)
     # nothing of the catalogue is served as a file: galleries get thumbnails through Gradio's own cache
     demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, auth=auth, share=args.share,
                                                   max_file_size=f"{MAX_UPLOAD_MB}mb", blocked_paths=[str(studio.db.resolve())])

@@ -108,7 +108,7 @@ def main():
             timings.setdefault(f"{name} predict", []).append(median_ms(lambda: p.predict(frame), 15, warmup=3))
             timings.setdefault(f"{name} graph 1 (whole + Navigator)", []).append(median_ms(lambda: g.run("whole", x), 15, warmup=3))
             timings.setdefault(f"{name} graph 2 (K parts)", []).append(median_ms(lambda: g.run("parts", x, rois), 15, warmup=3))
-    print(f"\n| {args.size}/{args.size // 2} px, K=4, one 640x480-class photo | ms (median of {args.rounds} rounds) |\n|---|---|")
+    print(f"\n| {args.size}/{args.size // 2} px, K=4, one grocery val photo (348x348) | ms (median of {args.rounds} rounds) |\n|---|---|")
     for name, values in timings.items():
         print(f"| {name} | {statistics.median(values):.1f} |")
 

@@ -50,7 +50,7 @@ def main():
     ap.add_argument("--checkpoint")
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--windows", type=int, default=5)
-    ap.add_argument("--live-fps", type=float, help="how often the page sends a frame (the app's LIVE_FPS; default: the app's)")
+    ap.add_argument("--live-fps", type=float, help="the app's --live-fps: how often the page sends a frame (default: the app's)")
     ap.add_argument("--live-threads", type=int, help="the app's --live-threads (default: the app's rule)")
     ap.add_argument("--camera-fps", type=int, default=30, help="the fake webcam's frame rate (a real webcam: 30)")
     args = ap.parse_args()
@@ -70,9 +70,9 @@ def main():
     write_y4m(video, "red-box", w=640, h=480, frames=2 * args.camera_fps, fps=args.camera_fps)
     port = free_port()
     app = subprocess.Popen([sys.executable, "app.py", "--db", str(tmp / "cat"), "--port", str(port), "--checkpoint", ckpt]
-                           + (["--live-threads", str(args.live_threads)] if args.live_threads else []),
-                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env={**os.environ, **({"NTSNET_LIVE_FPS": str(args.live_fps)} if args.live_fps else {})})
+                           + (["--live-threads", str(args.live_threads)] if args.live_threads else [])
+                           + (["--live-fps", str(args.live_fps)] if args.live_fps else []),
+                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(120):
             try:

@@ -185,12 +185,6 @@ class OpenVINOGraphs:
         self._compiled = {name: core.compile_model(str(Path(out_dir) / f"{name}.xml"), "CPU", config) for name in self.sizes}
         self._local = threading.local()  # an infer request is not thread-safe: one per thread
 
-    def with_threads(self, threads: int) -> "OpenVINOGraphs":
-        """The same graphs compiled for another thread count (a second compilation of the cached export)."""
-        if int(threads) == self.threads:
-            return self
-        return OpenVINOGraphs(self.out_dir, self.manifest, threads=threads, precision=self.precision)
-
     def run(self, name: str, *inputs) -> list[torch.Tensor]:
         requests = self._local.__dict__.setdefault("requests", {})
         if name not in requests:
@@ -212,12 +206,15 @@ class CompiledNTS:
         self._variants_lock = threading.Lock()
 
     def with_threads(self, threads: int) -> "CompiledNTS":
-        """This engine on ``threads`` threads, compiled once and kept (the live stream asks on every frame)."""
-        if int(threads) == self.graphs.threads:
+        """This engine on ``threads`` threads: the cached export compiled a second time, once, then kept (the live
+        stream asks on every frame)."""
+        threads = int(threads)
+        if threads == self.graphs.threads:
             return self
         with self._variants_lock:
             if threads not in self._variants:
-                self._variants[threads] = CompiledNTS(self.graphs.with_threads(threads))
+                g = self.graphs
+                self._variants[threads] = CompiledNTS(OpenVINOGraphs(g.out_dir, g.manifest, threads=threads, precision=g.precision))
             return self._variants[threads]
 
     def whole_and_scores(self, x):

@@ -236,7 +236,7 @@ def test_app_builds_and_parses_its_flags(studio):
     assert args.port == 9999 and args.auth == "a:b" and args.no_capture
 
 
-def test_live_model_leaves_a_core_to_a_browser_on_this_machine():
+def test_live_model_leaves_a_core_to_a_browser_on_this_machine(tmp_path):
     import app
 
     assert app.live_threads(app.parse_args([]), cores=2) == 1          # serving loopback: the browser is here
@@ -247,6 +247,19 @@ def test_live_model_leaves_a_core_to_a_browser_on_this_machine():
     assert app.live_threads(app.parse_args(["--live-threads", "2"]), cores=2) == 2
     with pytest.raises(SystemExit, match="at least 1"):
         app.live_threads(app.parse_args(["--live-threads", "0"]), cores=2)
+    with pytest.raises(SystemExit, match="more than 0"):
+        app.main(["--live-fps", "0", "--db", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()  # refused before anything was created
+
+
+def test_live_stream_sends_frames_at_the_asked_rate(studio):
+    import app
+
+    def stream_every(demo):
+        return [d["stream_every"] for d in demo.config["dependencies"] if d.get("stream_every")]
+
+    assert 0.1 in stream_every(app.build_app(studio)) and app.parse_args([]).live_fps == app.LIVE_FPS == 10
+    assert 0.05 in stream_every(app.build_app(studio, live_fps=20))
 
 
 def test_webcams_ask_for_modest_frames_not_gradios_1920x1440(studio):
