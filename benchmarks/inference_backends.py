@@ -89,18 +89,25 @@ def main():
 def print_breakdown(predictor, frame, runs: int):
     """Where one OpenVINO frame's time goes: which part a faster runtime could still win back."""
     from ntsnet.anchors import select_proposals
+    from ntsnet.crops import crop_boxes
     from ntsnet.images import to_input_tensor, to_rgb_array
+    from torchvision.ops import roi_align
 
     net, engine = predictor.net, predictor.engine
     x = to_input_tensor([frame], net.config.input_size, net.mean, net.std)
     _, scores = engine.whole_and_scores(x)
     index = select_proposals(scores, net.anchors, net.config.cat_num, net.config.nms_iou)
     rois = net.rois(net.anchors[index])
+    size = net.config.part_size
+    crops = crop_boxes(x, rois, size)
     parts = {
         "preprocessing (resize, normalise)": lambda: to_input_tensor([to_rgb_array(frame)], net.config.input_size, net.mean, net.std),
         "graph 1: backbone 448 + Navigator": lambda: engine.whole_and_scores(x),
         "NMS over the anchors": lambda: select_proposals(scores, net.anchors, net.config.cat_num, net.config.nms_iou),
-        "graph 2: K crops + backbone 224": lambda: engine.box_features(x, rois),
+        "K crops (ntsnet/crops.py)": lambda: crop_boxes(x, rois, size),
+        "K crops, torchvision roi_align (what crops.py replaces)": lambda: roi_align(x, rois, (size, size), 1.0, 2, True),
+        f"graph 2: backbone {size} on the K crops": lambda: engine.graphs.run("parts", crops),
+        "K crops + graph 2": lambda: engine.box_features(x, rois),
         "both graphs, one after the other": lambda: (engine.whole_and_scores(x), engine.box_features(x, rois)),
         "whole predict()": lambda: predictor.predict(frame),
     }

@@ -27,6 +27,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from timing import median_ms  # noqa: E402
 from train_click import DATA, cpu_line  # noqa: E402
 
+from ntsnet.crops import crop_boxes  # noqa: E402
+
 
 def record_graph_inputs(predictor, photos):
     """The exact arrays each compiled graph receives while the predictor answers ``photos``."""
@@ -34,7 +36,7 @@ def record_graph_inputs(predictor, photos):
     engine = predictor.engine
     whole, parts = engine.whole_and_scores, engine.box_features
     engine.whole_and_scores = lambda x: (seen["whole"].append(x.numpy().copy()), whole(x))[1]
-    engine.box_features = lambda x, r: (seen["parts"].append((x.numpy().copy(), r.numpy().copy())), parts(x, r))[1]
+    engine.box_features = lambda x, r: (seen["parts"].append(crop_boxes(x, r, engine.graphs.sizes["parts"]).numpy()), parts(x, r))[1]
     try:
         for photo in photos:
             predictor.predict(photo)
@@ -88,7 +90,7 @@ def main():
     t0 = time.perf_counter()
     for name in ("whole", "parts"):
         model = ov.Core().read_model(str(export / f"{name}.xml"))
-        data = seen[name] if name == "whole" else [tuple(x) for x in seen[name]]
+        data = seen[name]
         extra = {"ignored_scope": nncf.IgnoredScope(patterns=args.keep_fp32.split(","), validate=False)} if args.keep_fp32 else {}
         quantised = nncf.quantize(model, nncf.Dataset(data), preset=getattr(nncf.QuantizationPreset, args.preset.upper()),
                                   subset_size=len(data), **extra)
@@ -100,14 +102,14 @@ def main():
 
     frame = photos("val", 1)[0]
     x = torch.zeros(1, 3, args.size, args.size)
-    rois = torch.tensor([[0.0, 0, 0, args.size / 2, args.size / 2]] * 4)
+    crops = torch.zeros(4, 3, args.size // 2, args.size // 2)
     timings: dict[str, list[float]] = {}
     for _ in range(args.rounds):  # interleaved: this VM's speed drifts by 15-25% within minutes
         for name, p in (("fp32", fp32), ("int8", int8)):
             g = p.engine.graphs
             timings.setdefault(f"{name} predict", []).append(median_ms(lambda: p.predict(frame), 15, warmup=3))
             timings.setdefault(f"{name} graph 1 (whole + Navigator)", []).append(median_ms(lambda: g.run("whole", x), 15, warmup=3))
-            timings.setdefault(f"{name} graph 2 (K parts)", []).append(median_ms(lambda: g.run("parts", x, rois), 15, warmup=3))
+            timings.setdefault(f"{name} graph 2 (K parts)", []).append(median_ms(lambda: g.run("parts", crops), 15, warmup=3))
     print(f"\n| {args.size}/{args.size // 2} px, K=4, one grocery val photo (348x348) | ms (median of {args.rounds} rounds) |\n|---|---|")
     for name, values in timings.items():
         print(f"| {name} | {statistics.median(values):.1f} |")

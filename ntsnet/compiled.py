@@ -2,9 +2,9 @@
 
 An NTS-Net frame is two backbone passes with a little PyTorch in between (hard NMS over the anchors, the
 heads). The passes are exported as two graphs, ``whole`` (image -> whole-image feature and the Navigator's
-anchor scores) and ``parts`` (image + boxes -> crops -> part features; OpenVINO's ROIAlign matches
-torchvision's to 1e-5 and runs on every core); NMS and the heads stay in ``NTSNet.forward``, so eager and
-compiled inference share one code path (``forward(x, engine=...)``).
+anchor scores) and ``parts`` (part crops -> part features); NMS, the crops (crops.py: 5 ms for four 224 px
+crops, where OpenVINO's ROIAlign took 18) and the heads stay in ``NTSNet.forward``, so eager and compiled
+inference share one code path (``forward(x, engine=...)``).
 
 Why OpenVINO: on a 2-core AVX2 CPU in fp32 its Lite0 graphs ran 2.9x faster than eager PyTorch and 1.2-1.6x
 faster than ONNX Runtime (``python benchmarks/inference_backends.py``); it converts a PyTorch module directly
@@ -31,11 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .crops import crop_boxes
+
 log = logging.getLogger("ntsnet")
 
 BACKENDS = ("auto", "torch", "openvino")
 MANIFEST = "manifest.json"
-EXPORT_FORMAT = 1  # bump when the exported graphs' inputs or outputs change
+EXPORT_FORMAT = 2  # bump when the exported graphs' inputs or outputs change
 
 
 class BackendUnavailable(RuntimeError):
@@ -87,15 +89,6 @@ class _Whole(nn.Module):
         return (whole,) if scores is None else (whole, scores)
 
 
-class _Boxes(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, rois):
-        return self.model.box_features(x, rois)
-
-
 class _Pooled(nn.Module):
     """Pooled backbone features: NTS-Net's part pass, and the instant embedder's only pass."""
 
@@ -107,16 +100,13 @@ class _Pooled(nn.Module):
         return self.backbone(x).float().mean((2, 3))
 
 
-def _convert(module: nn.Module, size: int, path: Path, with_rois: bool = False):
+def _convert(module: nn.Module, size: int, path: Path):
     import warnings
 
     import openvino as ov
 
     example = torch.zeros(1, 3, size, size)
     shapes = [(-1, 3, size, size)]  # any batch size
-    if with_rois:  # a few boxes, one partly outside the image, so tracing sees the general case
-        example = (example, torch.tensor([[0.0, -8, -8, size / 2, size / 2], [0, 4, 4, size - 1, size - 1]]))
-        shapes.append((-1, 5))
     with torch.no_grad(), warnings.catch_warnings():
         # the TF-same padding is computed from the traced (fixed) image size: a constant, as it should be
         warnings.simplefilter("ignore")
@@ -136,7 +126,7 @@ def build_export(graphs: dict[str, tuple[nn.Module, int]], out_dir: Path, key: s
     try:
         files = {}
         for name, (module, size) in graphs.items():
-            _convert(module, size, tmp / f"{name}.xml", with_rois=isinstance(module, _Boxes))
+            _convert(module, size, tmp / f"{name}.xml")
             files[name] = {"size": size}
         digests = {p.name: _file_sha(p) for p in sorted(tmp.iterdir())}
         manifest = {"format": EXPORT_FORMAT, "key": key, "openvino": version, "graphs": files, "files": digests, **(info or {})}
@@ -222,14 +212,14 @@ class CompiledNTS:
         return out[0], (out[1] if len(out) > 1 else None)
 
     def box_features(self, x, rois):
-        return self.graphs.run("parts", x, rois)[0]
+        return self.graphs.run("parts", crop_boxes(x, rois, self.graphs.sizes["parts"]))[0]
 
 
 def model_graphs(model: nn.Module) -> dict[str, tuple[nn.Module, int]]:
     cfg = model.config
     graphs = {"whole": (_Whole(model), cfg.input_size)}
     if cfg.model == "ntsnet":
-        graphs["parts"] = (_Boxes(model), cfg.input_size)  # crops (roi_align) inside: 5 ms there, 21 ms in torchvision here
+        graphs["parts"] = (_Pooled(model.backbone), cfg.part_size)
     return graphs
 
 

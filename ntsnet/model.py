@@ -3,7 +3,7 @@ r"""NTS-Net: Navigator, Teacher and Scrutinizer around one shared backbone (Yang
 Data flow of one forward pass (B images, P parts):
   image (B,3,S,S) -> backbone -> feature map -> pooled whole-image feature -> raw logits    [C(X) in L_C]
                                    \-> Navigator (detached input) -> informativeness I of every anchor
-  hard NMS on I -> P boxes -> roi_align crops (B*P,3,s,s) -> same backbone -> part features
+  hard NMS on I -> P boxes -> crops (B*P,3,s,s; roi_align, crops.py) -> same backbone -> part features
   part features -> Teacher head -> part logits                                             [C(R_i) in L_C]
   top-K part features ++ whole-image feature -> Scrutinizer head -> final logits           [L_S]
 Training uses P = M so the Teacher sees every proposal; inference only needs P = K.
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
 
 from .anchors import DEFAULT_LEVELS, anchor_count, generate_anchors, select_proposals
 from .backbones import create_backbone
 from .config import NTSConfig
+from .crops import crop_boxes
 
 
 class Navigator(nn.Module):
@@ -94,13 +94,12 @@ class NTSNet(nn.Module):
         return torch.cat([index, boxes.reshape(-1, 4)], dim=1)
 
     def crop_parts(self, x: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        """All B*P crops in one batched roi_align; outside the image reads as 0 (the reference zero-pads)."""
-        size = self.config.part_size
-        return roi_align(x, rois.to(x.dtype), output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        """All B*P crops (roi_align, aligned); outside the image reads as 0 (the reference zero-pads)."""
+        return crop_boxes(x, rois, self.config.part_size)
 
     def box_features(self, x: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B*P, C) of the boxes' crops: the second backbone pass, crops included, which is
-        what a compiled engine exports as its second graph."""
+        """Pooled features (B*P, C) of the boxes' crops: the crops, then the second backbone pass (which a
+        compiled engine runs as its second graph)."""
         return self.part_features(self.crop_parts(x, rois))
 
     def forward(self, x: torch.Tensor, num_parts: int | None = None, engine=None, reuse=None) -> NTSOutput:

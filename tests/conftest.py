@@ -20,7 +20,9 @@ TINY = dict(backbone="tiny", input_size=96, part_size=48, proposal_num=4, cat_nu
 
 
 def fit_tiny(steps=100, seed=0, **overrides):
-    """Train a tiny NTS-Net on synthetic shapes; returns (model, classes, train_acc)."""
+    """Train a tiny NTS-Net on synthetic shapes; returns (model, classes, train_acc). The learning rate decays to
+    zero (cosine): at a constant 0.05 the end state was chaotic, one seed in six stopped at 78% after the part
+    crops changed in the 7th decimal."""
     torch.manual_seed(seed)
     images, labels, classes = make_dataset(20, size=96, seed=seed)
     cfg = NTSConfig(**{**TINY, "num_classes": len(classes), **overrides})
@@ -28,6 +30,7 @@ def fit_tiny(steps=100, seed=0, **overrides):
     x_all = to_input_tensor(images, cfg.input_size, model.mean, model.std)
     y_all = torch.as_tensor(labels)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         model.train()
@@ -36,6 +39,7 @@ def fit_tiny(steps=100, seed=0, **overrides):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
     model.eval()
     with torch.no_grad():
         acc = (model(x_all).concat_logits.argmax(1) == y_all).float().mean().item()

@@ -1,6 +1,8 @@
 """Synthetic 'products' for tests: coloured shapes at random positions on a noisy shelf background."""
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import cv2
 
@@ -11,6 +13,12 @@ PRODUCTS = {
     "green-pack": ("triangle", (40, 190, 60)),
 }
 
+
+
+def stable_seed(*parts) -> int:
+    """A seed from names and numbers that is the same in every process (``hash()`` of a str is salted per
+    process: test photos seeded by it differed from run to run and made a training test flaky)."""
+    return zlib.crc32("/".join(map(str, parts)).encode())
 
 def draw_product(rng: np.random.Generator, name: str, size: int = 96, height: int | None = None) -> np.ndarray:
     h, w = (height or size), size

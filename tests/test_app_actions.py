@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthetic import draw_product
+from synthetic import draw_product, stable_seed
 from webapp import Studio, StudioError
 from webapp import actions as actions_mod
 
@@ -89,7 +89,7 @@ def fill(studio, n=8):
     for name in ("red-box", "blue-can", "green-pack"):
         studio.create_product(name)
         for i in range(n):
-            studio.save_photo(shot(hash((name, i)) % 100000, name), name)
+            studio.save_photo(shot(stable_seed(name, i), name), name)
 
 
 def test_train_through_the_job_runner_then_recognise_and_evaluate(studio):

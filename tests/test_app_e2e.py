@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthetic import draw_product
+from synthetic import draw_product, stable_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed 
 
 def write_y4m(path: Path, product: str, frames=30, w=320, h=240, fps=10):
     """A 4:2:0 y4m clip (what Chromium's fake camera accepts) of one product moving on a noisy shelf."""
-    rng = np.random.default_rng(abs(hash(product)) % 2**32)
+    rng = np.random.default_rng(stable_seed(product))
     with open(path, "wb") as fh:
         fh.write(f"YUV4MPEG2 W{w} H{h} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
         for _ in range(frames):

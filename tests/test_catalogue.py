@@ -12,6 +12,7 @@ from PIL import Image
 
 from dataset_tools import Catalogue, CatalogueError, DuplicateImage, InvalidImage, assign_splits, export, import_path
 from dataset_tools.catalogue import safe_filename
+from synthetic import stable_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -295,7 +296,7 @@ def test_split_is_stratified_deterministic_and_stable(tmp_path):
     for p, n in (("big", 20), ("tiny", 2), ("three", 3)):
         cat.add_product(p)
         for i in range(n):
-            cat.add_image(photo(hash((p, i)) % 10000, size=(32, 32)), product=p)
+            cat.add_image(photo(stable_seed(p, i), size=(32, 32)), product=p)
     res = assign_splits(cat, val=0.2, test=0.2, seed=1)
     per = {p["name"]: p for p in cat.products()}
     assert (per["big"]["train"], per["big"]["val"], per["big"]["test"]) == (12, 4, 4)
@@ -368,7 +369,7 @@ def test_split_for_one_product_matches_the_global_assignment(tmp_path):
         for p in ("x", "y"):
             cat.add_product(p)
             for i in range(10):
-                cat.add_image(photo(hash((p, i)) % 10000, size=(32, 32)), product=p)
+                cat.add_image(photo(stable_seed(p, i), size=(32, 32)), product=p)
     assign_splits(a, seed=2)
     assign_splits(b, seed=2, product="x")  # what a capture of "x" does
     split_a = {i["hash"]: i["split"] for i in a.images(product="x")}
