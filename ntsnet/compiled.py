@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .crops import crop_boxes
+from .runtime import torch_threads
 
 log = logging.getLogger("ntsnet")
 
@@ -166,7 +167,7 @@ class OpenVINOGraphs:
         import openvino as ov
 
         core = ov.Core()
-        threads = threads or int(os.environ.get("NTSNET_THREADS", "0")) or torch.get_num_threads()
+        threads = threads or int(os.environ.get("NTSNET_THREADS", "0")) or torch_threads()
         self.out_dir, self.manifest, self.threads, self.precision = Path(out_dir), manifest, int(threads), precision
         config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"}
         if precision == "fp32":  # OpenVINO would pick bf16 on AMX CPUs by itself

@@ -25,7 +25,7 @@ from .backbones import create_backbone
 from .checkpoint import atomic_write
 from .images import to_input_tensor, to_rgb_array
 from .predictor import Prediction, cpu_supports_fast_bf16
-from .runtime import keep_freed_memory
+from .runtime import keep_freed_memory, single_torch_thread
 
 log = logging.getLogger("ntsnet")
 
@@ -77,8 +77,13 @@ class Embedder:
         arrays = [to_rgb_array(im) for im in images]
         if not arrays:
             return np.zeros((0, self.net.out_channels), np.float32)
-        out = []
         graphs = self.graphs
+        # one frame through the compiled graph: 15.4 -> 12.1 ms without PyTorch's thread pool (runtime.py)
+        with single_torch_thread() if graphs is not None and len(arrays) == 1 else contextlib.nullcontext():
+            return self._embed(arrays, graphs)
+
+    def _embed(self, arrays, graphs) -> np.ndarray:
+        out = []
         for start in range(0, len(arrays), 32):
             x = to_input_tensor(arrays[start:start + 32], self.size, self.net.mean, self.net.std)
             if graphs is not None:

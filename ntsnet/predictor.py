@@ -19,7 +19,7 @@ from . import compiled
 from .checkpoint import build_model, load_checkpoint
 from .fuse import inference_copy
 from .images import to_input_tensor, to_rgb_array
-from .runtime import keep_freed_memory
+from .runtime import keep_freed_memory, single_torch_thread
 
 log = logging.getLogger("ntsnet")
 
@@ -185,11 +185,17 @@ class Predictor:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    @torch.inference_mode()
     def predict_batch(self, images, top_k: int = 5, memory: dict | None = None, refresh_every: int = 4) -> list[Prediction]:
         """``memory`` (live video, one image at a time): a dict kept by the caller between frames. When the
         Navigator picks the same K anchors as on the previous frame, that frame's part features are reused (the
         second backbone pass is skipped), at most ``refresh_every - 1`` times in a row."""
+        # one frame through the compiled graphs: PyTorch's share is small work, best done without its thread pool
+        single = self.engine is not None and len(images) == 1
+        with single_torch_thread() if single else contextlib.nullcontext():
+            return self._predict_batch(images, top_k, memory, refresh_every)
+
+    @torch.inference_mode()
+    def _predict_batch(self, images, top_k, memory, refresh_every) -> list[Prediction]:
         arrays = [to_rgb_array(im) for im in images]
         if not arrays:
             return []

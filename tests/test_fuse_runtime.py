@@ -111,3 +111,59 @@ def test_allocator_setting_applies_once_on_glibc_and_can_be_switched_off():
     on_glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert _keep_freed_memory_in_subprocess("1") == [str(on_glibc)] * 2
     assert _keep_freed_memory_in_subprocess("0") == ["False", "False"]
+
+
+def test_single_torch_thread_scopes_overlap_and_restore_the_process_setting():
+    """Live frames and single photos open the scope from different threads at once: each sees one thread inside,
+    every thread has the process's count again afterwards (also one that started while a scope was open), and an
+    engine compiled meanwhile takes the process's count."""
+    import threading
+
+    from ntsnet.runtime import single_torch_thread, torch_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen, opened, release = {}, threading.Event(), threading.Event()
+
+        def live_worker():
+            with single_torch_thread():
+                seen["live"] = torch.get_num_threads()
+                opened.set()
+                release.wait(5)
+            seen["live after"] = torch.get_num_threads()
+
+        def late_thread():  # starts while the live scope is open: PyTorch hands it the last count set (1)
+            with single_torch_thread():
+                seen["late"] = torch.get_num_threads()
+            seen["late after"] = torch.get_num_threads()
+
+        live = threading.Thread(target=live_worker)
+        live.start()
+        opened.wait(5)
+        assert torch_threads() == 2
+        late = threading.Thread(target=late_thread)
+        late.start()
+        late.join(5)
+        release.set()
+        live.join(5)
+        assert seen == {"live": 1, "late": 1, "late after": 2, "live after": 2}
+        assert torch.get_num_threads() == 2 and torch_threads() == 2
+        with pytest.raises(RuntimeError):
+            with single_torch_thread():
+                raise RuntimeError("a failed frame")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_one_frame_answers_the_same_with_or_without_the_thread_pool(tiny_checkpoint):
+    pytest.importorskip("openvino")
+    pred = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32", backend="openvino", background=False)
+    assert pred.engine is not None
+    frame = draw_product(np.random.default_rng(5), "red-box")
+    threads = torch.get_num_threads()
+    one = pred.predict(frame)                             # one frame: PyTorch on one thread around the graphs
+    assert torch.get_num_threads() == threads
+    (pooled,) = pred._predict_batch([frame], 5, None, 4)  # the same call on PyTorch's pool
+    assert one.to_dict() == pooled.to_dict()
