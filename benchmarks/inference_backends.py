@@ -87,9 +87,9 @@ def main():
                   f"(= {dt * 300 / len(sub):.0f} s for 300 photos)")
 
 
-def engine_as_before(predictor):
-    """The predictor's engine with the part pass exported as before ntsnet/crops.py: OpenVINO's ROIAlign inside
-    graph 2, on the whole 448 px frame (kept here only to measure the change)."""
+def predictor_as_before(predictor):
+    """The predictor with the part pass exported as before ntsnet/crops.py: OpenVINO's ROIAlign inside graph 2,
+    on the whole 448 px frame (kept here only to measure the change)."""
     import copy
     import warnings
 
@@ -114,15 +114,19 @@ def engine_as_before(predictor):
     threads = predictor.engine.graphs.threads
     request = ov.Core().compile_model(graph, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
                                                     "INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+    # the old graph takes the frame and the boxes: NTSNet.forward hands them over in place of the crops
     engine = copy.copy(predictor.engine)
-    engine.box_features = lambda x, rois: torch.from_numpy(np.array(request.infer([x.numpy(), rois.detach().numpy()])[0]))
-    return engine
+    engine.part_features = lambda frame_and_rois: torch.from_numpy(np.array(request.infer([t.detach().numpy() for t in frame_and_rois])[0]))
+    before = copy.copy(predictor)
+    before.net = copy.copy(net)
+    before.net.crop_parts = lambda x, rois: (x, rois)
+    before.engine = engine
+    return before
 
 
 def print_breakdown(predictor, frame, runs: int, rounds: int):
     """Where one OpenVINO frame's time goes, and the frame as before ntsnet/crops.py. All rows are measured in
     interleaved rounds (median of the rounds' medians): this VM's speed drifts by 20-40% within minutes."""
-    import copy
     import statistics
 
     from ntsnet.anchors import select_proposals
@@ -131,8 +135,8 @@ def print_breakdown(predictor, frame, runs: int, rounds: int):
     from torchvision.ops import roi_align
 
     net, engine = predictor.net, predictor.engine
-    before = copy.copy(predictor)
-    before.engine = old = engine_as_before(predictor)
+    before = predictor_as_before(predictor)
+    old = before.engine
     x = to_input_tensor([frame], net.config.input_size, net.mean, net.std)
     _, scores = engine.whole_and_scores(x)
     index = select_proposals(scores, net.anchors, net.config.cat_num, net.config.nms_iou)
@@ -146,9 +150,9 @@ def print_breakdown(predictor, frame, runs: int, rounds: int):
         "K crops (ntsnet/crops.py)": lambda: crop_boxes(x, rois, size),
         "K crops, torchvision roi_align": lambda: roi_align(x, rois, (size, size), 1.0, 2, True),
         f"graph 2: backbone {size} on the K crops": lambda: engine.graphs.run("parts", crops),
-        "K crops + graph 2": lambda: engine.box_features(x, rois),
-        "before: graph 2 with OpenVINO's ROIAlign inside": lambda: old.box_features(x, rois),
-        "both graphs with the crops, one after the other": lambda: (engine.whole_and_scores(x), engine.box_features(x, rois)),
+        "K crops + graph 2": lambda: engine.part_features(crop_boxes(x, rois, size)),
+        "before: graph 2 with OpenVINO's ROIAlign inside": lambda: old.part_features((x, rois)),
+        "both graphs with the crops, one after the other": lambda: (engine.whole_and_scores(x), engine.part_features(crop_boxes(x, rois, size))),
         "whole predict()": lambda: predictor.predict(frame),
         "before: whole predict() with ROIAlign in graph 2": lambda: before.predict(frame),
     }

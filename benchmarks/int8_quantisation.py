@@ -27,21 +27,19 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from timing import median_ms  # noqa: E402
 from train_click import DATA, cpu_line  # noqa: E402
 
-from ntsnet.crops import crop_boxes  # noqa: E402
-
 
 def record_graph_inputs(predictor, photos):
     """The exact arrays each compiled graph receives while the predictor answers ``photos``."""
     seen = {"whole": [], "parts": []}
     engine = predictor.engine
-    whole, parts = engine.whole_and_scores, engine.box_features
+    whole, parts = engine.whole_and_scores, engine.part_features
     engine.whole_and_scores = lambda x: (seen["whole"].append(x.numpy().copy()), whole(x))[1]
-    engine.box_features = lambda x, r: (seen["parts"].append(crop_boxes(x, r, engine.graphs.sizes["parts"]).numpy()), parts(x, r))[1]
+    engine.part_features = lambda c: (seen["parts"].append(c.numpy().copy()), parts(c))[1]
     try:
         for photo in photos:
             predictor.predict(photo)
     finally:
-        del engine.whole_and_scores, engine.box_features  # back to the class's methods
+        del engine.whole_and_scores, engine.part_features  # back to the class's methods
     return seen
 
 

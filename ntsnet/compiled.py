@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .crops import crop_boxes
 from .runtime import torch_threads
 
 log = logging.getLogger("ntsnet")
@@ -212,8 +211,8 @@ class CompiledNTS:
         out = self.graphs.run("whole", x)
         return out[0], (out[1] if len(out) > 1 else None)
 
-    def box_features(self, x, rois):
-        return self.graphs.run("parts", crop_boxes(x, rois, self.graphs.sizes["parts"]))[0]
+    def part_features(self, crops):
+        return self.graphs.run("parts", crops)[0]
 
 
 def model_graphs(model: nn.Module) -> dict[str, tuple[nn.Module, int]]:

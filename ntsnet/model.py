@@ -97,13 +97,8 @@ class NTSNet(nn.Module):
         """All B*P crops (roi_align, aligned); outside the image reads as 0 (the reference zero-pads)."""
         return crop_boxes(x, rois, self.config.part_size)
 
-    def box_features(self, x: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B*P, C) of the boxes' crops: the crops, then the second backbone pass (which a
-        compiled engine runs as its second graph)."""
-        return self.part_features(self.crop_parts(x, rois))
-
     def forward(self, x: torch.Tensor, num_parts: int | None = None, engine=None, reuse=None) -> NTSOutput:
-        """``engine``: an object with ``whole_and_scores`` and ``box_features`` computing the same functions
+        """``engine``: an object with ``whole_and_scores`` and ``part_features`` computing the same functions
         elsewhere (a compiled runtime, see compiled.py); NMS, crops and heads stay here, so both share this code.
         ``reuse``: (part_index, part_features) of an earlier frame; when the Navigator picks exactly the same
         anchors again (a product held still), those part features are used instead of a second backbone pass."""
@@ -129,7 +124,7 @@ class NTSNet(nn.Module):
         if reuse is not None and reuse[0].shape == index.shape and torch.equal(reuse[0], index):
             part_feat = reuse[1]
         else:
-            part_feat = engine.box_features(x, self.rois(boxes)).view(b, num_parts, -1)
+            part_feat = engine.part_features(self.crop_parts(x, self.rois(boxes))).view(b, num_parts, -1)
         part_logits = self.teacher_head(self.dropout(part_feat))
         concat = torch.cat([part_feat[:, : cfg.cat_num].flatten(1), whole], dim=1)
         concat_logits = self.scrutinizer_head(self.dropout(concat))

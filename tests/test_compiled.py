@@ -60,9 +60,10 @@ def test_exported_graphs_match_features_of_a_real_backbone(tmp_path):
     rois = torch.tensor([[0, -20.0, -10, 60, 70], [1, 10, 10, 127, 127], [2, 64, 0, 140, 90]])
     with torch.inference_mode():
         whole, scores = model.whole_and_scores(x)
-        parts = model.box_features(x, rois)
+        crops = model.crop_parts(x, rois)
+        parts = model.part_features(crops)
         got_whole, got_scores = engine.whole_and_scores(x)
-        got_parts = engine.box_features(x, rois)
+        got_parts = engine.part_features(crops)
         ref, fast = model(x), model(x, engine=engine)
     for want, got in ((whole, got_whole), (scores, got_scores), (parts, got_parts), (ref.concat_logits, fast.concat_logits)):
         assert got.shape == want.shape
