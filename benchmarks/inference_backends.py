@@ -127,6 +127,7 @@ def predictor_as_before(predictor):
 def print_breakdown(predictor, frame, runs: int, rounds: int):
     """Where one OpenVINO frame's time goes, and the frame as before ntsnet/crops.py. All rows are measured in
     interleaved rounds (median of the rounds' medians): this VM's speed drifts by 20-40% within minutes."""
+    import copy
     import statistics
 
     from ntsnet.anchors import select_proposals
@@ -137,16 +138,21 @@ def print_breakdown(predictor, frame, runs: int, rounds: int):
     net, engine = predictor.net, predictor.engine
     before = predictor_as_before(predictor)
     old = before.engine
+    torchvision_nms = copy.copy(predictor)
+    torchvision_nms.net = copy.copy(net)
+    torchvision_nms.net.suppression_table = lambda device: None
     x = to_input_tensor([frame], net.config.input_size, net.mean, net.std)
     _, scores = engine.whole_and_scores(x)
-    index = select_proposals(scores, net.anchors, net.config.cat_num, net.config.nms_iou)
+    table = net.suppression_table(x.device)
+    index = select_proposals(scores, net.anchors, net.config.cat_num, net.config.nms_iou, table=table)
     rois = net.rois(net.anchors[index])
     size = net.config.part_size
     crops = crop_boxes(x, rois, size)
     parts = {
         "preprocessing (resize, normalise)": lambda: to_input_tensor([to_rgb_array(frame)], net.config.input_size, net.mean, net.std),
         "graph 1: backbone 448 + Navigator": lambda: engine.whole_and_scores(x),
-        "NMS over the anchors": lambda: select_proposals(scores, net.anchors, net.config.cat_num, net.config.nms_iou),
+        "NMS over the anchors (suppression table)": lambda: select_proposals(scores, net.anchors, net.config.cat_num, net.config.nms_iou, table=table),
+        "NMS, torchvision batched_nms": lambda: select_proposals(scores, net.anchors, net.config.cat_num, net.config.nms_iou),
         "K crops (ntsnet/crops.py)": lambda: crop_boxes(x, rois, size),
         "K crops, torchvision roi_align": lambda: roi_align(x, rois, (size, size), 1.0, 2, True),
         f"graph 2: backbone {size} on the K crops": lambda: engine.graphs.run("parts", crops),
@@ -154,6 +160,7 @@ def print_breakdown(predictor, frame, runs: int, rounds: int):
         "before: graph 2 with OpenVINO's ROIAlign inside": lambda: old.part_features((x, rois)),
         "both graphs with the crops, one after the other": lambda: (engine.whole_and_scores(x), engine.part_features(crop_boxes(x, rois, size))),
         "whole predict()": lambda: predictor.predict(frame),
+        "before: whole predict() with torchvision's NMS": lambda: torchvision_nms.predict(frame),
         "before: whole predict() with ROIAlign in graph 2": lambda: before.predict(frame),
     }
     times = {name: [] for name in parts}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
@@ -69,16 +70,60 @@ def anchor_count(input_size=448, levels=DEFAULT_LEVELS) -> int:
     return sum(h * w * lv.per_cell for lv, (h, w) in zip(levels, level_shapes(input_size, levels)))
 
 
-def select_proposals(scores: torch.Tensor, anchors: torch.Tensor, top_n: int, iou_threshold: float = 0.25) -> torch.Tensor:
+def suppression_table(anchors: torch.Tensor, iou_threshold: float) -> np.ndarray:
+    """(A, A) bools: anchor j is dropped when anchor i is kept (IoU > threshold). The anchors never change, so
+    this is computed once per model; it repeats torchvision's NMS kernel arithmetic (float32, in its order, on the
+    same shifted boxes) so that the greedy picks are the ones ``batched_nms`` makes."""
+    boxes = (anchors - anchors.min()).float()
+    x1, y1, x2, y2 = boxes.unbind(1)
+    areas = (x2 - x1) * (y2 - y1)
+    w = (torch.minimum(x2[:, None], x2[None]) - torch.maximum(x1[:, None], x1[None])).clamp_min(0)
+    h = (torch.minimum(y2[:, None], y2[None]) - torch.maximum(y1[:, None], y1[None])).clamp_min(0)
+    inter = w * h
+    overlap = inter / (areas[:, None] + areas[None] - inter)
+    return (overlap.double() > iou_threshold).numpy()  # the kernel compares with the threshold as a double
+
+
+def _greedy_picks(order: np.ndarray, suppress: np.ndarray, top_n: int) -> list[int]:
+    """The first ``top_n`` anchors hard NMS keeps, walking ``order`` (best first); fewer if fewer survive."""
+    dropped = np.zeros(len(order), dtype=bool)
+    picks, pos = [], 0
+    while len(picks) < top_n:
+        alive = np.flatnonzero(~dropped[order[pos:]])
+        if not alive.size:
+            break
+        pos += int(alive[0])
+        i = int(order[pos])
+        picks.append(i)
+        dropped |= suppress[i]
+        pos += 1
+    return picks
+
+
+def select_proposals(scores: torch.Tensor, anchors: torch.Tensor, top_n: int, iou_threshold: float = 0.25,
+                     table: np.ndarray | None = None) -> torch.Tensor:
     """Hard NMS per image; returns (B, top_n) anchor indices, best first.
 
     Greedy: take the highest-scoring anchor, drop every anchor overlapping it by IoU > threshold, repeat.
-    All images go through one ``batched_nms`` call. In the rare case that fewer than ``top_n`` anchors
-    survive (tiny inputs have few anchors), the best suppressed ones fill the gap so shapes stay fixed.
+    On a CPU with the anchors' ``suppression_table`` this stops after ``top_n`` picks (0.1 ms instead of
+    torchvision's 2 ms, which suppresses over all anchors); elsewhere all images go through one ``batched_nms``
+    call. In the rare case that fewer than ``top_n`` anchors survive (tiny inputs have few anchors), the best
+    suppressed ones fill the gap so shapes stay fixed.
     """
     b, a = scores.shape
     if top_n == 0:
         return torch.empty(b, 0, dtype=torch.long, device=scores.device)
+    if table is not None and scores.device.type == "cpu":
+        # a stable descending sort: the order torchvision's kernel walks, ties included
+        orders = scores.detach().float().sort(dim=1, descending=True, stable=True).indices.numpy()
+        result = np.empty((b, top_n), dtype=np.int64)
+        for i, order in enumerate(orders):
+            picks = _greedy_picks(order, table, top_n)
+            if len(picks) < top_n:
+                taken = set(picks)
+                picks += [int(j) for j in order if j not in taken][: top_n - len(picks)]
+            result[i] = picks
+        return torch.from_numpy(result)
     flat_scores = scores.detach().float().reshape(-1)
     # batched_nms separates images by offsetting coordinates, which assumes boxes >= 0; anchors reach past
     # the border, so shift them (IoU is unchanged by translation).

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ntsnet.anchors import DEFAULT_LEVELS, anchor_count, generate_anchors, level_shapes, select_proposals
+from ntsnet.anchors import DEFAULT_LEVELS, anchor_count, generate_anchors, level_shapes, select_proposals, suppression_table
 from ntsnet.model import Navigator
 
 
@@ -61,18 +61,56 @@ def brute_force_nms(boxes, scores, top_n, iou_thr):
     return kept
 
 
+@pytest.mark.parametrize("with_table", [False, True])
 @pytest.mark.parametrize("seed", range(5))
-def test_hard_nms_matches_a_brute_force_reference(seed):
+def test_hard_nms_matches_a_brute_force_reference(seed, with_table):
     g = torch.Generator().manual_seed(seed)
     anchors = generate_anchors(224)
     scores = torch.randn(3, anchors.shape[0], generator=g)
-    got = select_proposals(scores, anchors, top_n=6, iou_threshold=0.25)
+    table = suppression_table(anchors, 0.25) if with_table else None
+    got = select_proposals(scores, anchors, top_n=6, iou_threshold=0.25, table=table)
     boxes = anchors.tolist()
     for b in range(3):
         assert got[b].tolist() == brute_force_nms(boxes, scores[b].tolist(), 6, 0.25)
 
 
-def test_nms_fills_up_when_too_few_anchors_survive():
+@pytest.mark.parametrize("size", [448, 224, 96, 32])
+def test_the_table_picks_what_torchvision_picks(size):
+    """The precomputed-table NMS repeats torchvision's kernel arithmetic: the same picks, also for IoUs that sit on
+    the threshold and for tiny inputs where suppressed anchors fill up; per image of a batch as for one image."""
+    g = torch.Generator().manual_seed(size)
+    anchors = generate_anchors(size)
+    for thr in (0.25, 0.3, 0.7, 0.05, 1.0):
+        table = suppression_table(anchors, thr)
+        for scale in (0.01, 1.0, 100.0):
+            scores = torch.randn(4, anchors.shape[0], generator=g) * scale
+            for top_n in (1, 4, 6):
+                got = select_proposals(scores, anchors, top_n, thr, table=table)
+                for b in range(4):
+                    assert torch.equal(got[b], select_proposals(scores[b:b + 1], anchors, top_n, thr)[0]), (thr, scale, top_n, b)
+    # thresholds equal to IoUs that occur between the anchors: "> threshold" must hold exactly where the kernel's does
+    from torchvision.ops import box_iou
+
+    ious = box_iou(anchors, anchors).flatten()
+    ious = ious[(ious > 0.05) & (ious < 0.95)]
+    for thr in ious[torch.randint(len(ious), (3,), generator=g)].tolist():
+        table = suppression_table(anchors, thr)
+        scores = torch.randn(2, anchors.shape[0], generator=g)
+        assert torch.equal(select_proposals(scores, anchors, 6, thr, table=table), select_proposals(scores, anchors, 6, thr))
+
+
+@pytest.mark.parametrize("with_table", [False, True])
+def test_nms_fills_up_when_too_few_anchors_survive(with_table):
     anchors = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10.5], [1, 1, 10, 10]], dtype=torch.float)
-    idx = select_proposals(torch.tensor([[0.1, 0.9, 0.5]]), anchors, top_n=3)
+    table = suppression_table(anchors, 0.25) if with_table else None
+    idx = select_proposals(torch.tensor([[0.1, 0.9, 0.5]]), anchors, top_n=3, table=table)
     assert idx.tolist() == [[1, 2, 0]]  # 1 survives NMS; the suppressed ones follow by score
+
+
+def test_the_model_uses_one_table_per_size_and_none_off_the_cpu():
+    from ntsnet import NTSConfig, create_model
+
+    net = create_model(NTSConfig(backbone="tiny", num_classes=2, input_size=64, part_size=32, proposal_num=3, cat_num=2), pretrained=False)
+    table = net.suppression_table(torch.device("cpu"))
+    assert table.shape == (net.num_anchors, net.num_anchors) and table is net.suppression_table(torch.device("cpu"))
+    assert net.suppression_table(torch.device("cuda")) is None

@@ -11,7 +11,9 @@ from dataset_tools import Catalogue, assign_splits
 from ntsnet import NTSConfig, Predictor, create_model
 from training import active, jobs
 from training.openset import threshold_record as unknown_threshold
-from training.progressive import ProgressiveConfig, imprinted_head, ntsnet_from_classifier, prototype_predictions, train_progressive
+from training.evaluate import CONDITIONS
+from training.progressive import (ProgressiveConfig, at_input_size, choose_test_size, imprinted_head, ntsnet_from_classifier,
+                                  prototype_predictions, candidate_sizes, train_progressive)
 
 
 def small_catalogue(root, n_per_class=5, classes=2, seed=0):
@@ -53,6 +55,57 @@ def test_ntsnet_starts_from_the_finetuned_classifier_answer(size):
         want, got = base(x).concat_logits, nts(x).concat_logits
     assert torch.allclose(want, got, atol=1e-5)
     assert not torch.allclose(got, torch.zeros_like(got))
+
+
+def test_candidate_sizes_are_the_training_size_and_up_to_nine_sevenths_of_it():
+    assert candidate_sizes(224) == [224, 256, 288]
+    assert candidate_sizes(448) == [448, 512, 576]
+    assert candidate_sizes(64) == [64, 96]
+
+
+@pytest.mark.parametrize("model", ["baseline", "ntsnet"])
+def test_a_model_at_another_input_size_keeps_its_weights_and_answers_at_that_size(model):
+    torch.manual_seed(2)
+    cfg = NTSConfig(model=model, backbone="tiny", num_classes=3, input_size=64, part_size=32, proposal_num=3,
+                    cat_num=2 if model == "ntsnet" else 0)
+    net = create_model(cfg, pretrained=False).eval()
+    assert at_input_size(net, 64) is net
+    big = at_input_size(net, 96)
+    assert big.config.input_size == 96 and net.config.input_size == 64
+    assert big.config.part_size == 48  # parts keep their share of the image
+    for (name, a), b in zip(net.state_dict().items(), big.state_dict().values()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        out = big(torch.randn(2, 3, 96, 96))
+    assert out.concat_logits.shape == (2, 3)
+    if model == "ntsnet":
+        assert big.num_anchors > net.num_anchors and out.part_boxes.max() > 64  # boxes on the larger image
+
+
+def test_the_test_size_with_the_best_mean_over_store_conditions_answers():
+    """The mean over clean, dark, blurry and low-res decides (not clean alone); a tie goes to the smaller size."""
+    net = create_model(NTSConfig(model="baseline", backbone="tiny", num_classes=2, input_size=64, cat_num=0, proposal_num=1),
+                       pretrained=False).eval()
+    arrays, labels = [np.zeros((40, 40, 3), np.uint8)] * 3, [0, 1, 0]
+
+    def run(accuracy):
+        calls = []
+
+        def evaluate(model, conditioned, y):
+            cond = CONDITIONS[len([c for c in calls if c[0] == model.config.input_size])]
+            calls.append((model.config.input_size, cond))
+            return accuracy[model.config.input_size][cond], [0.5] * len(y)
+
+        chosen, acc, scores, table = choose_test_size(net, arrays, labels, log=lambda *a: None, evaluate=evaluate)
+        assert sorted(calls) == sorted((s, c) for s in (64, 96) for c in CONDITIONS)
+        return chosen, acc, table
+
+    clean_best = {64: dict(zip(CONDITIONS, (0.9, 0.5, 0.5, 0.5))), 96: dict(zip(CONDITIONS, (0.8, 0.7, 0.7, 0.7)))}
+    chosen, acc, table = run(clean_best)
+    assert chosen.config.input_size == 96 and acc == 0.8 and table[96]["mean"] == pytest.approx(0.725)
+    tie = {64: dict(zip(CONDITIONS, (0.6,) * 4)), 96: dict(zip(CONDITIONS, (0.6,) * 4))}
+    chosen, acc, _ = run(tie)
+    assert chosen is net and acc == 0.6
 
 
 def test_the_active_model_never_switches_to_a_worse_one(tmp_path):
@@ -99,7 +152,14 @@ def test_two_products_five_photos_train_through_every_stage(tmp_path):
         pred = Predictor.from_checkpoint(chosen, backend="torch")
         assert pred.unknown_threshold is None  # 2 validation photos: never rejects a known product
     for r in summary["results"]:
-        assert (tmp_path / "run" / f"stage{['linear', 'finetune', 'ntsnet'].index(r['stage']) + 1}-{r['stage']}.safetensors").exists()
+        path = tmp_path / "run" / f"stage{['linear', 'finetune', 'ntsnet'].index(r['stage']) + 1}-{r['stage']}.safetensors"
+        assert path.exists()
+        # a trained stage answers at the test size it was measured at (the linear head at the training size)
+        saved = Predictor.from_checkpoint(path, backend="torch")
+        assert saved.config.input_size == r["input_size"] and saved.extra["train_input_size"] == 64
+        if r["test_sizes"]:
+            assert r["input_size"] in candidate_sizes(64)
+            assert r["val_acc"] == pytest.approx(r["test_sizes"][r["input_size"]]["clean"], abs=1e-5)
 
 
 def test_cancel_keeps_the_best_model_so_far_active(tmp_path):

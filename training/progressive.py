@@ -197,6 +197,50 @@ def evaluate_model(model, arrays, labels, batch: int = 16) -> tuple[float, list[
     return (correct / len(labels) if labels else float("nan")), scores
 
 
+def candidate_sizes(train_size: int) -> list[int]:
+    """Input sizes worth trying at test time for a model trained at ``train_size``: random framing during
+    training shows products larger than a plain resize of the whole photo does, so such a model often recognises
+    best at a somewhat larger input (Touvron et al., "Fixing the train-test resolution discrepancy", 2019);
+    1, 8/7 and 9/7 of the training size, in multiples of 32."""
+    return sorted({train_size, *(max(32, round(train_size * f / 32) * 32) for f in (8 / 7, 9 / 7))})
+
+
+def at_input_size(model, size: int):
+    """The same weights answering at another input size (for NTS-Net the parts scale with it; its anchors are
+    rebuilt for the new size, they are not weights)."""
+    cfg = model.config
+    if size == cfg.input_size:
+        return model
+    part = max(32, round(size * cfg.part_size / cfg.input_size))
+    resized = create_model(NTSConfig.from_dict({**cfg.to_dict(), "input_size": size, "part_size": part}), pretrained=False)
+    resized.load_state_dict(model.state_dict())
+    return resized.to(memory_format=torch.channels_last).eval()
+
+
+def choose_test_size(model, arrays, labels, log=print, evaluate=None) -> tuple[torch.nn.Module, float, list[float], dict]:
+    """The input size (of ``candidate_sizes``) at which the model recognises the validation photos best, clean and in
+    the store conditions of the evaluation (dark, blurry, low-res; their mean accuracy decides, ties go to the
+    smaller, faster size). Returns the model at that size, its clean accuracy and scores, and every size's figures."""
+    from .evaluate import CONDITIONS, apply_condition
+
+    evaluate = evaluate or evaluate_model
+    conditioned = {c: [apply_condition(a, c) for a in arrays] for c in CONDITIONS}
+    table, best = {}, None
+    for size in candidate_sizes(model.config.input_size):
+        candidate = at_input_size(model, size)
+        accs, scores = {}, None
+        for cond in CONDITIONS:
+            accs[cond], s = evaluate(candidate, conditioned[cond], labels)
+            scores = s if cond == "clean" else scores
+        mean = float(np.mean(list(accs.values())))
+        table[size] = {**{c: round(a, 5) for c, a in accs.items()}, "mean": round(mean, 5)}
+        if best is None or mean > best[4] + 1e-9:
+            best = (size, candidate, accs["clean"], scores, mean)
+    log("test sizes: " + ", ".join(f"{s} px {r['clean']:.1%} clean, {r['mean']:.1%} mean of conditions" for s, r in table.items())
+        + f" -> {best[0]} px")
+    return best[1], best[2], best[3], table
+
+
 def accuracy_by_name(predictor, arrays, labels, class_names) -> float:
     """Accuracy of another model (different products, maybe) on these photos, compared by product name."""
     if not arrays:
@@ -379,14 +423,14 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     log(f"to beat: {bar_name} at {bar:.1%} on {len(val_labels)} validation photos (instant model {instant_acc:.1%})")
     best_path: Path | None = None
 
-    def finish_stage(stage, model, acc, scores, trained=True):
+    def finish_stage(stage, model, acc, scores, trained=True, sizes=None):
         """``trained``: False when the stage's best weights are the ones it started from: the same answers as the
         model before it (NTS-Net's Navigator still untrained, and slower), so it is saved but not proposed."""
         nonlocal bar, bar_name, best_path
         path = run_dir / f"stage{STAGES.index(stage) + 1}-{stage}.safetensors"
         extra = {"stage": stage, "metrics": {"val_acc": acc, "val_n": len(val_labels)}, "class_count": n_cls,
                  "train_images": len(snap.train), "run_dir": str(run_dir), "train_config": asdict(cfg),
-                 "unknown_threshold": threshold_record(scores)}
+                 "unknown_threshold": threshold_record(scores), "train_input_size": size, "test_sizes": sizes}
         save_checkpoint(path, model, names, extra=extra)
         if not trained:
             switched, verdict = False, f"kept {bar_name}: training never beat the stage's starting point ({acc:.1%})"
@@ -402,6 +446,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         else:
             switched, verdict = False, f"kept {bar_name} ({acc:.1%} < {bar:.1%})"
         state["results"].append({"stage": stage, "val_acc": acc, "active": switched, "verdict": verdict, "checkpoint": str(path),
+                                 "input_size": model.config.input_size, "test_sizes": sizes,
                                  "minutes": round((time.perf_counter() - t_job) / 60, 2)})
         log(f"stage {stage}: validation accuracy {acc:.1%}: {verdict}")
         progress()
@@ -440,6 +485,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     del engine
 
     # ---- stage 2: end-to-end fine-tune of the classifier
+    sizes_seconds = 0.0
     left = lambda: budget - (time.perf_counter() - t_job)  # noqa: E731
     if "finetune" in stages and not stop and left() > 3:
         if classifier is None:
@@ -452,8 +498,13 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
                                 (val_arrays, val_labels), log)
         record(rows)
         classifier = model.cpu()
-        _, scores = evaluate_model(classifier, val_arrays, val_labels)
-        finish_stage("finetune", classifier, acc, scores, trained)
+        t_sizes = time.perf_counter()
+        if trained:  # stage 3 continues from the training size; the saved model answers at its best test size
+            answering, acc, scores, sizes = choose_test_size(classifier, val_arrays, val_labels, log)
+        else:
+            (answering, (_, scores)), sizes = (classifier, evaluate_model(classifier, val_arrays, val_labels)), None
+        sizes_seconds = time.perf_counter() - t_sizes
+        finish_stage("finetune", answering, acc, scores, trained, sizes)
 
     # ---- stage 3: NTS-Net warm-started from the classifier
     if "ntsnet" in stages and not stop and left() > 3:
@@ -464,15 +515,21 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         model = ntsnet_from_classifier(classifier, nts_cfg).to(device)
         if device.type == "cpu":
             model = model.to(memory_format=torch.channels_last)
-        progress(stage="ntsnet", stage_seconds=round(left() * 0.9))
+        # time kept for its test sizes: NTS-Net costs about twice the classifier (K parts at half the size)
+        seconds = max(0.0, left() * 0.9 - 2 * sizes_seconds)
+        progress(stage="ntsnet", stage_seconds=round(seconds))
         loss_fn = lambda out, y: nts_loss(out, y, nts_cfg, label_smoothing=cfg.label_smoothing)  # noqa: E731
         # the heads continue stage 2's (not new layers); the Navigator at a high rate lets the ranking loss diverge
-        model, acc, rows, trained = _fit(model, loss_fn, snap.train, size, cfg, left() * 0.9, device, autocast, stop, progress, "ntsnet",
+        model, acc, rows, trained = _fit(model, loss_fn, snap.train, size, cfg, seconds, device, autocast, stop, progress, "ntsnet",
                                 (val_arrays, val_labels), log, head_lr_mult=1.0)
         record(rows)
         model = model.cpu()
-        _, scores = evaluate_model(model, val_arrays, val_labels)
-        finish_stage("ntsnet", model, acc, scores, trained)
+        sizes = None
+        if trained:
+            model, acc, scores, sizes = choose_test_size(model, val_arrays, val_labels, log)
+        else:
+            _, scores = evaluate_model(model, val_arrays, val_labels)
+        finish_stage("ntsnet", model, acc, scores, trained, sizes)
 
     final = "cancelled" if stop else "finished"
     progress(state=final, stage="done", eta_seconds=0, stage_seconds_left=0)

@@ -446,7 +446,8 @@ class Studio:
                 lines.append(f"instant model: {p['instant_val_acc']:.1%} on {p.get('val_images', '?')} validation photos")
             for r in p.get("results", []):
                 mark = "became the active model" if r["active"] else "not better: the previous model kept answering"
-                lines.append(f"{r['stage']}: {r['val_acc']:.1%} — {mark}")
+                size = f" at {r['input_size']} px" if r.get("input_size") else ""
+                lines.append(f"{r['stage']}: {r['val_acc']:.1%}{size} — {mark}")
         elif p.get("epoch"):
             lines.append(f"epoch {p['epoch']}/{p.get('epochs')}, step {p.get('step', '-')}/{p.get('steps', '-')}")
         if p.get("loss"):
