@@ -17,9 +17,10 @@ from webapp.actions import CONDITION_TAGS, MAX_BURST_SECONDS, MAX_UPLOAD_MB, Ses
 from webapp.plots import training_curves
 
 TITLE = "Product recogniser (NTS-Net)"
-# how often the browser sends a live frame (after the answer to the last one). 15 or 20 showed more frames but
-# fewer fresh answers on 2 cores: the browser's encoding took the model's CPU (README, recognise_fps.py --live-fps)
-LIVE_FPS = 10.0
+# how often the browser sends a live frame (after the answer to the last one). 10 showed 8.5-9.5 frames/s (the
+# page waits for each answer); 12 showed 9.3-11.5 with as many fresh answers; 15 or 20 cost fresh answers on 2
+# cores, the browser's encoding taking the model's CPU (README, recognise_fps.py --live-fps)
+LIVE_FPS = 12.0
 
 
 def camera_constraints(width: int, height: int) -> dict:

@@ -258,7 +258,7 @@ def test_live_stream_sends_frames_at_the_asked_rate(studio):
     def stream_every(demo):
         return [d["stream_every"] for d in demo.config["dependencies"] if d.get("stream_every")]
 
-    assert 0.1 in stream_every(app.build_app(studio)) and app.parse_args([]).live_fps == app.LIVE_FPS == 10
+    assert 1 / 12 in stream_every(app.build_app(studio)) and app.parse_args([]).live_fps == app.LIVE_FPS == 12
     assert 0.05 in stream_every(app.build_app(studio, live_fps=20))
 
 
