@@ -484,6 +484,12 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         finish_stage("linear", classifier, acc, scores)
     del engine
 
+    def answering_model(model, acc, trained):
+        """A trained stage at its best test size; one that never beat its start (not proposed) as it is."""
+        if trained:
+            return choose_test_size(model, val_arrays, val_labels, log)
+        return model, acc, evaluate_model(model, val_arrays, val_labels)[1], None
+
     # ---- stage 2: end-to-end fine-tune of the classifier
     sizes_seconds = 0.0
     left = lambda: budget - (time.perf_counter() - t_job)  # noqa: E731
@@ -499,10 +505,8 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         record(rows)
         classifier = model.cpu()
         t_sizes = time.perf_counter()
-        if trained:  # stage 3 continues from the training size; the saved model answers at its best test size
-            answering, acc, scores, sizes = choose_test_size(classifier, val_arrays, val_labels, log)
-        else:
-            (answering, (_, scores)), sizes = (classifier, evaluate_model(classifier, val_arrays, val_labels)), None
+        # stage 3 continues from the training size; the saved model answers at its best test size
+        answering, acc, scores, sizes = answering_model(classifier, acc, trained)
         sizes_seconds = time.perf_counter() - t_sizes
         finish_stage("finetune", answering, acc, scores, trained, sizes)
 
@@ -524,11 +528,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
                                 (val_arrays, val_labels), log, head_lr_mult=1.0)
         record(rows)
         model = model.cpu()
-        sizes = None
-        if trained:
-            model, acc, scores, sizes = choose_test_size(model, val_arrays, val_labels, log)
-        else:
-            _, scores = evaluate_model(model, val_arrays, val_labels)
+        model, acc, scores, sizes = answering_model(model, acc, trained)
         finish_stage("ntsnet", model, acc, scores, trained, sizes)
 
     final = "cancelled" if stop else "finished"
