@@ -3,6 +3,7 @@ answers in Recognise only ever gets better.
 
     python -m training train --db data --out runs/r1 [--max-minutes 10]        # this recipe (the default)
     python -m training train --db data --out runs/p1 --recipe paper ...          # the paper's single-stage recipe
+    torchrun --nproc_per_node 2 -m training train --db data --out runs/d1         # DDP (training/distributed.py)
 
 1. linear   (seconds): frozen ImageNet backbone, a linear head on cached features of several augmented views of
             each photo, initialised from the products' prototypes (weight imprinting: before any step it answers
@@ -43,7 +44,7 @@ from ntsnet.images import to_input_tensor
 from ntsnet.predictor import resolve_device
 from ntsnet.runtime import keep_freed_memory
 
-from . import active
+from . import active, distributed
 from .data import DataError, PhotoDataset, Snapshot, collate, load_rgb, take_snapshot
 from .openset import threshold_record
 
@@ -278,8 +279,13 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
     opt = torch.optim.SGD([{"params": body, "lr": base[0]}, {"params": heads, "lr": base[1]}], momentum=0.9,
                           weight_decay=cfg.weight_decay, nesterov=True)
     ds = PhotoDataset(items, size, train=True, seed=cfg.seed, mean=model.mean, std=model.std, augment="store")
+    world, rank, _ = distributed.info()
+    main = rank == 0
+    if len(ds) < world:
+        raise DataError(f"{len(ds)} training photos cannot be shared among {world} processes")
+    net = distributed.wrap(model, device)
     val_arrays, val_labels = val
-    best_acc, _ = evaluate_model(model, val_arrays, val_labels)
+    best_acc, _ = evaluate_model(model, val_arrays, val_labels) if main else (0.0, None)
     best_state, rows, trained_best = copy.deepcopy(model.state_dict()), [], False
     log(f"{stage}: starts at {best_acc:.1%} on the validation photos")
     t_start, trained, seen, epoch, next_eval = time.perf_counter(), 0.0, 0, 0, 0.0
@@ -289,6 +295,7 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
         epoch += 1
         ds.epoch = epoch
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
+        order = distributed.shard(order, world, rank)
         # worker processes start anew every epoch: for a handful of photos that costs more than it saves
         workers = cfg.workers if len(order) >= 4 * cfg.batch_size else 0
         loader = torch.utils.data.DataLoader(ds, sampler=order, batch_size=cfg.batch_size, collate_fn=collate,
@@ -296,13 +303,14 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
         _train_mode(model)
         sums, n_seen, correct = {"total": 0.0, "L_I": 0.0, "L_S": 0.0, "L_C": 0.0}, 0, 0
         for x, y, _ in loader:
-            if stop:
-                done = True
-                break
-            if x is None:
-                continue
             t0 = time.perf_counter()
             frac = min(1.0, (t0 - t_start) / seconds)  # wall clock: loading and evaluating count against the budget
+            halt, skip, frac = distributed.step_consensus(bool(stop), x is None, frac, device)  # anyone's cancel, process 0's clock
+            if halt:
+                done = True
+                break
+            if skip:
+                continue
             warm = min(1.0, frac / 0.05)
             for group, lr in zip(opt.param_groups, base):
                 group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * frac))
@@ -310,7 +318,7 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
             if device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
-                out = model(x)
+                out = net(x)
             losses = loss_fn(out, y)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
@@ -322,23 +330,28 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
             correct += int((out.concat_logits.argmax(1) == y).sum())
             for k in sums:
                 sums[k] += float(losses[k].detach()) * len(y)
-            progress(stage=stage, images_per_s=round(seen / max(trained, 1e-9), 2), stage_seconds_left=round(max(0.0, seconds - (time.perf_counter() - t_start)), 1),
+            progress(stage=stage, images_per_s=round(world * seen / max(trained, 1e-9), 2), stage_seconds_left=round(max(0.0, seconds - (time.perf_counter() - t_start)), 1),
                      loss={k: round(v / n_seen, 4) for k, v in sums.items()}, train_acc=round(correct / n_seen, 4))
-            if time.perf_counter() - t_start >= seconds:
+            if distributed.agree(time.perf_counter() - t_start >= seconds, device):
                 done = True
                 break
-        if n_seen and (time.perf_counter() - t_start >= next_eval or done):
+        if main and n_seen and (time.perf_counter() - t_start >= next_eval or done):
             next_eval = time.perf_counter() - t_start + eval_every
             acc, _ = evaluate_model(model, val_arrays, val_labels)
             row = {"stage": stage, "epoch": epoch, **{k: round(v / n_seen, 5) for k, v in sums.items()},
                    "train_acc": round(correct / n_seen, 5), "val_acc": round(acc, 5), "val_n": len(val_labels),
-                   "images_per_s": round(seen / max(trained, 1e-9), 2), "train_minutes": round(trained / 60, 3),
+                   "images_per_s": round(world * seen / max(trained, 1e-9), 2), "processes": world, "train_minutes": round(trained / 60, 3),
                    "elapsed_minutes": round((time.perf_counter() - t_start) / 60, 3)}
             rows.append(row)
             log(f"{stage} epoch {epoch}: loss {row['total']:.3f}, train acc {row['train_acc']:.3f}, val acc {acc:.3f}, "
                 f"{row['images_per_s']} img/s")
             if acc >= best_acc:  # ties: the later, longer-trained weights
                 best_acc, best_state, trained_best = acc, copy.deepcopy(model.state_dict()), True
+    agree = distributed.replicas_agree(model, device)
+    if agree is not None:
+        log(f"{stage}: {world} processes {'hold the same' if agree else 'DIFFER in their'} weights")
+        for r in rows:
+            r["replicas_agree"] = agree
     model.load_state_dict(best_state)
     return model.eval(), best_acc, rows, trained_best
 
@@ -350,6 +363,11 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         raise DataError(f"--stages must be a comma-separated, ordered subset of {','.join(STAGES)}")
     device = resolve_device(cfg.device)
     cfg.freeze_stride = resolve_freeze_stride(cfg.freeze_stride, device)
+    world, rank, _ = distributed.info()
+    main = rank == 0
+    # the others wait while process 0 alone runs stage 1 and measures test sizes: a few minutes on a CPU
+    device = distributed.start(device, timeout_minutes=max(60.0, 2 * (cfg.max_minutes or 30)))
+    log = log if main else (lambda *a, **k: None)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_job = time.perf_counter()
@@ -359,68 +377,78 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     snap_path = run_dir / "snapshot.json"
-    if not snap_path.exists():
-        take_snapshot(cfg.db, exclude=[p.strip() for p in cfg.exclude_products.split(",") if p.strip()]).save(snap_path)
-    _write_json(run_dir / "config.json", {**asdict(cfg), "recipe": "progressive", "model": "progressive"})
+    if main:
+        if not snap_path.exists():
+            take_snapshot(cfg.db, exclude=[p.strip() for p in cfg.exclude_products.split(",") if p.strip()]).save(snap_path)
+        _write_json(run_dir / "config.json", {**asdict(cfg), "recipe": "progressive", "model": "progressive", "processes": world})
+    distributed.barrier()
     snap = Snapshot.load(snap_path)
     names, n_cls = snap.class_names, len(snap.class_names)
     val_items = snap.val or snap.test
     budget = (cfg.max_minutes if cfg.max_minutes else auto_minutes(len(snap.train))) * 60
     size = cfg.input_size or (448 if device.type == "cuda" else 224)
     state = {"state": "running", "recipe": "progressive", "stages": stages, "stage": "", "results": [], "budget_seconds": round(budget),
-             "products": n_cls, "train_images": len(snap.train), "val_images": len(val_items), "device": str(device), "precision": precision}
+             "products": n_cls, "train_images": len(snap.train), "val_images": len(val_items), "device": str(device), "precision": precision,
+             "processes": world}
     metrics: list[dict] = []
 
     def progress(**kw):
+        if not main:
+            return
         state.update(kw, updated=time.time(), pid=os.getpid(), elapsed_seconds=round(time.perf_counter() - t_job, 1),
                      eta_seconds=round(max(0.0, budget - (time.perf_counter() - t_job)), 1))
         _write_json(run_dir / "progress.json", state)
 
     def record(rows):
+        if not main:
+            return
         for r in rows:
             metrics.append({**r, "epoch": len(metrics) + 1})
         atomic_write(run_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(m) + "\n" for m in metrics)))
 
     log(f"progressive training: {n_cls} products, {len(snap.train)} training / {len(val_items)} validation photos, "
         f"budget {budget / 60:.1f} min, stages {' -> '.join(stages)}, device {device} {precision}")
-    progress(stage="loading photos")
-    train_arrays, train_labels = _load_arrays(snap.train)
-    val_arrays, val_labels = _load_arrays(val_items)
-    if len(set(train_labels)) < 2:
-        raise ValueError("training needs readable photos of at least two products")
-
-    # what answers now, measured on this run's validation photos: the bar every stage must clear
     from ntsnet import create_backbone
 
     torch.manual_seed(cfg.seed)
     backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained).eval().to(memory_format=torch.channels_last)
-    engine = None
-    if device.type == "cpu":
-        with contextlib.suppress(Exception):  # compiled features when OpenVINO is there; eager otherwise
-            from ntsnet import compiled
+    # under torchrun the other processes only train: they get their photos from the dataset and their weights from DDP
+    train_arrays, train_labels, val_arrays, val_labels, engine, bar, bar_name = [], [], [], [], None, float("nan"), ""
+    instant_acc = float("nan")
+    if main:
+        progress(stage="loading photos")
+        train_arrays, train_labels = _load_arrays(snap.train)
+        val_arrays, val_labels = _load_arrays(val_items)
+        if len(set(train_labels)) < 2:
+            raise ValueError("training needs readable photos of at least two products")
 
-            engine = compiled.embedder_graphs(backbone, size, compiled.state_key(backbone, "embedder", size))
-    y_train, y_val = torch.as_tensor(train_labels), torch.as_tensor(val_labels)
-    t0 = time.perf_counter()
-    clean_train = pooled_features(backbone, train_arrays, size, engine)
-    val_feats = pooled_features(backbone, val_arrays, size, engine)
-    instant_acc = float((prototype_predictions(clean_train, y_train, val_feats, n_cls) == y_val).float().mean()) if val_labels else float("nan")
-    bar, bar_name = instant_acc, "instant model"
-    current = active.read(cfg.db)
-    if current and not str(current["checkpoint"]).startswith("hf://") and Path(current["checkpoint"]).exists():
-        try:
-            from ntsnet import Predictor
+        # what answers now, measured on this run's validation photos: the bar every stage must clear
+        if device.type == "cpu":
+            with contextlib.suppress(Exception):  # compiled features when OpenVINO is there; eager otherwise
+                from ntsnet import compiled
 
-            prev = Predictor.from_checkpoint(current["checkpoint"], backend="torch")
-            prev_acc = accuracy_by_name(prev, val_arrays, val_labels, names)
-            if prev_acc > bar:
-                bar, bar_name = prev_acc, f"active model {active.short_name(current['checkpoint'])}"
-            del prev
-        except Exception as exc:  # an unreadable active model is no bar to clear
-            log(f"could not measure the active model ({exc}); comparing with the instant model")
-    state["instant_val_acc"] = instant_acc
-    state["bar"] = {"val_acc": bar, "model": bar_name}
-    log(f"to beat: {bar_name} at {bar:.1%} on {len(val_labels)} validation photos (instant model {instant_acc:.1%})")
+                engine = compiled.embedder_graphs(backbone, size, compiled.state_key(backbone, "embedder", size))
+        y_train, y_val = torch.as_tensor(train_labels), torch.as_tensor(val_labels)
+        t0 = time.perf_counter()
+        clean_train = pooled_features(backbone, train_arrays, size, engine)
+        val_feats = pooled_features(backbone, val_arrays, size, engine)
+        instant_acc = float((prototype_predictions(clean_train, y_train, val_feats, n_cls) == y_val).float().mean()) if val_labels else float("nan")
+        bar, bar_name = instant_acc, "instant model"
+        current = active.read(cfg.db)
+        if current and not str(current["checkpoint"]).startswith("hf://") and Path(current["checkpoint"]).exists():
+            try:
+                from ntsnet import Predictor
+
+                prev = Predictor.from_checkpoint(current["checkpoint"], backend="torch")
+                prev_acc = accuracy_by_name(prev, val_arrays, val_labels, names)
+                if prev_acc > bar:
+                    bar, bar_name = prev_acc, f"active model {active.short_name(current['checkpoint'])}"
+                del prev
+            except Exception as exc:  # an unreadable active model is no bar to clear
+                log(f"could not measure the active model ({exc}); comparing with the instant model")
+        state["instant_val_acc"] = instant_acc
+        state["bar"] = {"val_acc": bar, "model": bar_name}
+        log(f"to beat: {bar_name} at {bar:.1%} on {len(val_labels)} validation photos (instant model {instant_acc:.1%})")
     best_path: Path | None = None
 
     def finish_stage(stage, model, acc, scores, trained=True, sizes=None):
@@ -453,7 +481,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
 
     # ---- stage 1: linear head on frozen features, imprinted from the prototypes
     classifier = None
-    if "linear" in stages:
+    if "linear" in stages and main:
         progress(stage="linear")
         from PIL import Image
 
@@ -493,10 +521,11 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     # ---- stage 2: end-to-end fine-tune of the classifier
     sizes_seconds = 0.0
     left = lambda: budget - (time.perf_counter() - t_job)  # noqa: E731
-    if "finetune" in stages and not stop and left() > 3:
+    if "finetune" in stages and distributed.agree(not stop and left() > 3, device):
         if classifier is None:
             classifier = _classifier(cfg, n_cls, size, backbone)
-        seconds = left() * (cfg.finetune_share if "ntsnet" in stages else 0.9)  # the rest: final evaluations, export
+        # the rest: final evaluations, export; several processes all follow process 0's plan
+        seconds = distributed.agree(left() * (cfg.finetune_share if "ntsnet" in stages else 0.9), device)
         progress(stage="finetune", stage_seconds=round(seconds))
         model = classifier.to(device).to(memory_format=torch.channels_last) if device.type == "cpu" else classifier.to(device)
         loss_fn = lambda out, y: nts_loss(out, y, model.config, label_smoothing=cfg.label_smoothing)  # noqa: E731
@@ -504,14 +533,15 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
                                 (val_arrays, val_labels), log)
         record(rows)
         classifier = model.cpu()
-        t_sizes = time.perf_counter()
-        # stage 3 continues from the training size; the saved model answers at its best test size
-        answering, acc, scores, sizes = answering_model(classifier, acc, trained)
-        sizes_seconds = time.perf_counter() - t_sizes
-        finish_stage("finetune", answering, acc, scores, trained, sizes)
+        if main:
+            t_sizes = time.perf_counter()
+            # stage 3 continues from the training size; the saved model answers at its best test size
+            answering, acc, scores, sizes = answering_model(classifier, acc, trained)
+            sizes_seconds = time.perf_counter() - t_sizes
+            finish_stage("finetune", answering, acc, scores, trained, sizes)
 
     # ---- stage 3: NTS-Net warm-started from the classifier
-    if "ntsnet" in stages and not stop and left() > 3:
+    if "ntsnet" in stages and distributed.agree(not stop and left() > 3, device):
         nts_cfg = NTSConfig(model="ntsnet", backbone=cfg.backbone, num_classes=n_cls, input_size=size, part_size=max(32, size // 2),
                             proposal_num=cfg.proposal_num, cat_num=cfg.cat_num)
         if classifier is None:
@@ -520,7 +550,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         if device.type == "cpu":
             model = model.to(memory_format=torch.channels_last)
         # time kept for its test sizes: NTS-Net costs about twice the classifier (K parts at half the size)
-        seconds = max(0.0, left() * 0.9 - 2 * sizes_seconds)
+        seconds = distributed.agree(max(0.0, left() * 0.9 - 2 * sizes_seconds), device)
         progress(stage="ntsnet", stage_seconds=round(seconds))
         loss_fn = lambda out, y: nts_loss(out, y, nts_cfg, label_smoothing=cfg.label_smoothing)  # noqa: E731
         # the heads continue stage 2's (not new layers); the Navigator at a high rate lets the ranking loss diverge
@@ -528,10 +558,12 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
                                 (val_arrays, val_labels), log, head_lr_mult=1.0)
         record(rows)
         model = model.cpu()
-        model, acc, scores, sizes = answering_model(model, acc, trained)
-        finish_stage("ntsnet", model, acc, scores, trained, sizes)
+        if main:
+            model, acc, scores, sizes = answering_model(model, acc, trained)
+            finish_stage("ntsnet", model, acc, scores, trained, sizes)
 
-    final = "cancelled" if stop else "finished"
+    final = "cancelled" if distributed.agree(bool(stop), device) else "finished"
+    distributed.finish()
     progress(state=final, stage="done", eta_seconds=0, stage_seconds_left=0)
     log(f"{final} after {(time.perf_counter() - t_job) / 60:.1f} min; "
         + "; ".join(f"{r['stage']} {r['val_acc']:.1%}{' (active)' if r['active'] else ''}" for r in state["results"]))

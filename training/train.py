@@ -28,6 +28,7 @@ from ntsnet.checkpoint import atomic_write
 from ntsnet.predictor import cpu_supports_fast_bf16, resolve_device
 from ntsnet.runtime import keep_freed_memory
 
+from . import distributed
 from .data import PhotoDataset, Snapshot, collate, take_snapshot
 
 
@@ -69,11 +70,6 @@ class RunState:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _dist_info():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def _choose_precision(device: torch.device, requested: str) -> str:
     if requested != "auto":
         return requested
@@ -119,7 +115,7 @@ def _evaluate_accuracy(model, loader, device, autocast, channels_last) -> tuple[
 
 # -------------------------------------------------------------------------------------------- train
 def train(cfg: TrainConfig, log=print) -> dict:
-    world, rank, local_rank = _dist_info()
+    world, rank, _ = distributed.info()
     main_proc = rank == 0
     log = log if main_proc else (lambda *a, **k: None)
     run_dir = Path(cfg.out)
@@ -137,12 +133,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     else:
         saved = None
 
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    device = distributed.start(resolve_device(cfg.device))
     precision = _choose_precision(device, cfg.precision)
     if device.type == "cpu":
         keep_freed_memory()  # DataLoader workers fork after this and inherit it
@@ -174,11 +165,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = distributed.wrap(model, device)
 
     progress = Progress(run_dir, main_proc)
     stop = {"reason": ""}
@@ -210,7 +197,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         train_ds.epoch = epoch
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and anything else random: reproducible on resume
         order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
-        order = order[rank::world]
+        order = distributed.shard(order, world, rank)
         drop_last = len(order) > cfg.batch_size  # BatchNorm cannot train on a batch of one
         loader = torch.utils.data.DataLoader(train_ds, sampler=order, drop_last=drop_last, **loader_kw)
         net.train()
