@@ -35,7 +35,7 @@ def cpu_line() -> str:
         return platform.processor()
 
 
-def build_catalogue(db: Path, coarse: str, per_product: int):
+def build_catalogue(db: Path, coarse: str, per_product: int, store_split: bool = False):
     from dataset_tools import Catalogue
     from dataset_tools.transfer import import_list, read_classes_csv
 
@@ -56,6 +56,14 @@ def build_catalogue(db: Path, coarse: str, per_product: int):
         (tmp / name).symlink_to(DATA / name) if not (tmp / name).exists() else None
     (tmp / "classes.csv").write_text((DATA / "classes.csv").read_text())
     cat = Catalogue(db)
+    if store_split:  # as a store's captures: the catalogue splits the photos 80/20, the dataset's val photos are the test photos
+        from dataset_tools import assign_splits
+
+        import_list(cat, tmp / "train.txt", split=None, progress=False)
+        assign_splits(cat, val=0.2, test=0.0, reset=True)
+        import_list(cat, tmp / "val.txt", split="test", progress=False)
+        n_val = cat.db.execute("SELECT COUNT(*) FROM images WHERE split = 'val'").fetchone()[0]
+        return cat, len(counts), len(train_lines) - n_val, n_val
     import_list(cat, tmp / "train.txt", split="train", progress=False)
     import_list(cat, tmp / "val.txt", split="val", progress=False)
     return cat, len(counts), len(train_lines), len(val_lines)
@@ -65,6 +73,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--coarse", default="Milk", help="a coarse class of classes.csv, or 'all' (the full grocery set)")
     ap.add_argument("--per-product", type=int, default=14, help="training photos per product; 0: all")
+    ap.add_argument("--split", default="dataset", choices=["dataset", "store"],
+                    help="dataset: its train/val lists; store: its training photos split 80/20 into train/val by the "
+                         "catalogue and its val photos as test photos (then the job refits on train + val, measured on test)")
     ap.add_argument("--conditions", action="store_true", help="then evaluate the final active model under store conditions")
     ap.add_argument("--max-minutes", type=float, default=None)
     ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
@@ -76,7 +87,7 @@ def main():
     from webapp import Studio
 
     tmp = Path(tempfile.mkdtemp())
-    cat, n_products, n_train, n_val = build_catalogue(tmp / "cat", args.coarse, args.per_product)
+    cat, n_products, n_train, n_val = build_catalogue(tmp / "cat", args.coarse, args.per_product, args.split == "store")
     print(f"CPU: {cpu_line()}")
     print(f"catalogue: {n_products} {args.coarse} products, {n_train} training photos, {n_val} validation photos")
     studio = Studio(cat.root)
@@ -92,7 +103,7 @@ def main():
         if cur.get("checkpoint") != seen and cur:
             seen = cur["checkpoint"]
             switches.append((time.time() - t0, cur.get("stage"), cur.get("val_acc")))
-            print(f"{switches[-1][0]:6.1f} s  active: {cur.get('name')} (validation {cur.get('val_acc'):.1%})", flush=True)
+            print(f"{switches[-1][0]:6.1f} s  active: {cur.get('name')} ({cur.get('measured_on', 'validation')} {cur.get('val_acc'):.1%})", flush=True)
         st = jobs.status(run["run_dir"])
         if not st["alive"]:
             break
@@ -102,8 +113,9 @@ def main():
     instant = p.get("instant_val_acc")
     print(f"instant model (prototypes of the training photos): {instant:.1%}")
     for r in p.get("results", []):
-        print(f"  stage {r['stage']:<9} {r['val_acc']:.1%}  at {r['minutes'] * 60:5.0f} s  {'ACTIVE' if r['active'] else r['verdict']}")
-    accs = [a for _, _, a in switches]
+        acc = f"{r['val_acc']:.1%}" if r["val_acc"] is not None else f"{r['test_acc']:.1%} on test photos (was {r['compared_with']['test_acc']:.1%})"
+        print(f"  stage {r['stage']:<9} {acc}  at {r['minutes'] * 60:5.0f} s  {'ACTIVE' if r['active'] else r['verdict']}")
+    accs = [a for _, stage, a in switches if stage != "refit"]  # a refit is compared on the test photos instead
     print(f"first model >= instant active after {switches[0][0]:.0f} s" if switches else "no model became active")
     print(f"active accuracy never went down: {all(b >= a for a, b in zip(accs, accs[1:]))}; "
           f"final active {accs[-1]:.1%} vs instant {instant:.1%} (+{(accs[-1] - instant) * 100:.1f} points)" if accs else "")

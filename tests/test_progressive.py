@@ -8,7 +8,7 @@ import torch
 
 from synthetic import make_dataset
 from dataset_tools import Catalogue, assign_splits
-from ntsnet import NTSConfig, Predictor, create_model
+from ntsnet import NTSConfig, Predictor, create_model, load_checkpoint
 from training import active, jobs
 from training.openset import threshold_record as unknown_threshold
 from training.evaluate import CONDITIONS
@@ -292,3 +292,82 @@ def test_the_default_job_trains_under_torchrun_with_two_gloo_processes(tmp_path)
     assert all(row["processes"] == 2 and row["replicas_agree"] is True for row in trained)
     for x in progress["results"]:
         assert Predictor.from_checkpoint(x["checkpoint"], backend="torch").config.num_classes == 2
+
+
+def _three_split_catalogue(root, n_per_class=10):
+    cat = small_catalogue(root, n_per_class=n_per_class)
+    assign_splits(cat, val=0.2, test=0.2, reset=True)
+    return cat
+
+
+def test_the_refit_trains_on_validation_photos_too_and_replaces_the_winner_only_if_not_worse_on_test_photos(tmp_path, monkeypatch):
+    from training import progressive
+
+    cat = _three_split_catalogue(tmp_path / "cat")
+    seen_items = {}
+    real_fit = progressive._fit
+
+    def spy(model, loss_fn, items, *args, **kw):
+        seen_items[args[7]] = [it["path"] for it in items]  # args[7]: the stage name
+        return real_fit(model, loss_fn, items, *args, **kw)
+
+    monkeypatch.setattr(progressive, "_fit", spy)
+    cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.2,
+                            stages="linear,finetune", input_size=64, views=2, batch_size=4, workers=0, precision="fp32", lr=0.02)
+    summary = train_progressive(cfg, log=lambda *a: None)
+    snap = json.loads((tmp_path / "run" / "snapshot.json").read_text())
+    train, val, test = ({it["path"] for it in snap[s]} for s in ("train", "val", "test"))
+    assert set(seen_items["finetune"]) == train
+    assert set(seen_items["refit"]) == train | val and not set(seen_items["refit"]) & test
+    refit = summary["results"][-1]
+    assert refit["stage"] == "refit" and refit["refit_of"] == "finetune" and refit["val_acc"] is None
+    assert refit["test_n"] == len(test)
+    extra = Predictor.from_checkpoint(refit["checkpoint"], backend="torch").extra
+    assert extra["trained_on"] == ["train", "val"] and progressive.photos_trained_on(extra) == train | val
+    # the finetune stage became active (it was the winner), the refit only if at least as good on the test photos
+    winner = summary["results"][1]
+    now = active.read(cat.root)
+    if refit["test_acc"] >= refit["compared_with"]["test_acc"] and winner["active"]:
+        assert refit["active"] and now["checkpoint"] == refit["checkpoint"] and now["measured_on"] == "test"
+    else:
+        assert not refit["active"] and now["checkpoint"] != refit["checkpoint"]
+
+
+def test_no_refit_without_test_photos_or_when_off(tmp_path):
+    from training.data import Snapshot
+    from training.progressive import refit_wanted
+
+    photo = {"path": "p", "label": 0}
+    both = Snapshot(["a", "b"], [photo] * 10, [photo] * 2, [photo] * 2)
+    assert refit_wanted(ProgressiveConfig(), both)[0]
+    assert not refit_wanted(ProgressiveConfig(refit="off"), both)[0]
+    assert not refit_wanted(ProgressiveConfig(refit="on"), Snapshot(["a", "b"], [photo] * 10, [photo] * 2, []))[0]
+    big = Snapshot(["a", "b"], [photo] * 1000, [photo] * 200, [photo] * 200)
+    assert not refit_wanted(ProgressiveConfig(), big)[0] and refit_wanted(ProgressiveConfig(refit="on"), big)[0]
+
+
+def test_an_active_model_is_measured_only_on_photos_it_never_trained_on(tmp_path):
+    """After a refit (trained on the validation photos), the next job must not compare with the refit's accuracy on
+    its own training photos: it measures the active model, and its own stages, on the test photos."""
+    from ntsnet import save_checkpoint
+
+    cat = _three_split_catalogue(tmp_path / "cat")
+    first = tmp_path / "first"
+    train_progressive(ProgressiveConfig(db=str(cat.root), out=str(first), backbone="tiny", pretrained=False, max_minutes=0.1,
+                                        stages="linear", input_size=64, views=2, workers=0, precision="fp32", refit="off"),
+                      log=lambda *a: None)
+    # the same weights, as if refitted: they claim the validation photos as training photos
+    ckpt = load_checkpoint(first / "stage1-linear.safetensors")
+    model = create_model(ckpt.config, pretrained=False)
+    model.load_state_dict(ckpt.state_dict)
+    save_checkpoint(first / "stage4-refit.safetensors", model, ckpt.class_names, extra={**ckpt.extra, "trained_on": ["train", "val"]})
+    active.write(cat.root, str(first / "stage4-refit.safetensors"), val_acc=1.0)
+    summary = train_progressive(ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "second"), backbone="tiny", pretrained=False,
+                                                  max_minutes=0.1, stages="linear", input_size=64, views=2, workers=0,
+                                                  precision="fp32", refit="off"), log=lambda *a: None)
+    progress = json.loads((tmp_path / "second" / "progress.json").read_text())
+    n_test = len(json.loads((tmp_path / "second" / "snapshot.json").read_text())["test"])
+    assert progress["bar"]["photos"] == f"{n_test} test photos it never trained on"
+    linear = summary["results"][0]
+    assert linear["gate"]["photos"] == progress["bar"]["photos"]
+    assert linear["active"] == (linear["gate"]["acc"] >= progress["bar"]["val_acc"])

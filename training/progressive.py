@@ -16,6 +16,10 @@ answers in Recognise only ever gets better.
             (Teacher head and the whole-image slice of the Scrutinizer take the fine-tuned head, the part slices
             start at zero), then trained with L_I + L_S + L_C. 448/224 px on a GPU, the stage-2 size on a CPU.
 
+4. refit    (small catalogues with test photos): the winning stage 2 or 3 again, from its starting weights for its
+            time, on training + validation photos; it replaces the winner only if at least as accurate on the test
+            photos, the only ones neither trained on.
+
 After each stage the model is evaluated on the validation photos and proposed to training/active.py: it answers
 from then on if it is at least as accurate as what answers now (the instant model or an earlier model, measured
 on the same photos). A stage that never beat its own starting weights is saved but not proposed (it would answer
@@ -76,6 +80,11 @@ class ProgressiveConfig:
     seed: int = 0
     exclude_products: str = ""
     activate: bool = True              # propose each stage to the catalogue's active model
+    refit: str = "auto"                # auto | on | off: train the winning stage again on training + validation photos
+                                       # (auto: a catalogue with test photos and at most REFIT_MAX_PHOTOS training + validation photos)
+
+
+REFIT_MAX_PHOTOS = 1000  # beyond this the validation photos add little (15% of many) and a second run costs much
 
 
 def resolve_freeze_stride(requested: int | None, device: torch.device) -> int:
@@ -109,14 +118,38 @@ def _write_json(path: Path, obj):
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
-def _load_arrays(items) -> tuple[list[np.ndarray], list[int]]:
+def _load_arrays(items, paths: list | None = None) -> tuple[list[np.ndarray], list[int]]:
+    """The readable photos as RGB arrays, and their labels; ``paths``: a list that gets each kept photo's path."""
     arrays, labels = [], []
     for it in items:
         im = load_rgb(it["path"])
         if im is not None:
             arrays.append(np.array(im))
             labels.append(it["label"])
+            if paths is not None:
+                paths.append(it["path"])
     return arrays, labels
+
+
+def photos_trained_on(extra: dict) -> set[str] | None:
+    """The photos (catalogue paths: content-addressed, so a path is always the same pixels) a model of this project
+    trained on: its run's training photos, and its validation photos too for a refit; None when that is unknown."""
+    snap_path = Path(str(extra.get("run_dir", ""))) / "snapshot.json"
+    if not extra.get("run_dir") or not snap_path.exists():
+        return None
+    snap = Snapshot.load(snap_path)
+    return {it["path"] for split in extra.get("trained_on", ["train"]) for it in getattr(snap, split, [])}
+
+
+def refit_wanted(cfg: ProgressiveConfig, snap: Snapshot) -> tuple[bool, str]:
+    """Whether to train the winning stage again on training + validation photos, and why (not)."""
+    if cfg.refit == "off":
+        return False, "refit off"
+    if not snap.val or not snap.test:
+        return False, "no refit: it needs validation photos to add and test photos to measure it on"
+    if cfg.refit == "auto" and len(snap.train) + len(snap.val) > REFIT_MAX_PHOTOS:
+        return False, f"no refit: more than {REFIT_MAX_PHOTOS} photos, the validation photos would add little"
+    return True, f"refit on {len(snap.train)} training + {len(snap.val)} validation photos, measured on {len(snap.test)} test photos"
 
 
 @torch.inference_mode()
@@ -269,7 +302,8 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
     """End-to-end training for ``seconds`` (time-based warm-up + cosine), evaluating on the validation photos
     at intervals and keeping the most accurate weights (the starting weights count as the first candidate).
     Returns (best model, its val accuracy, metric rows, whether the best weights are trained ones rather than
-    the starting weights)."""
+    the starting weights). ``val=None``: the validation photos are among ``items`` (a refit): nothing to select
+    on, so the weights at the end of the schedule are returned, with accuracy NaN."""
     frozen = {id(p) for p in model.backbone.early_parameters(cfg.freeze_stride)} if cfg.freeze_stride else set()
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
@@ -284,10 +318,12 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
     if len(ds) < world:
         raise DataError(f"{len(ds)} training photos cannot be shared among {world} processes")
     net = distributed.wrap(model, device)
-    val_arrays, val_labels = val
-    best_acc, _ = evaluate_model(model, val_arrays, val_labels) if main else (0.0, None)
-    best_state, rows, trained_best = copy.deepcopy(model.state_dict()), [], False
-    log(f"{stage}: starts at {best_acc:.1%} on the validation photos")
+    select = val is not None
+    val_arrays, val_labels = val if select else ([], [])
+    best_acc, _ = evaluate_model(model, val_arrays, val_labels) if main and select else (float("nan"), None)
+    best_state, rows, trained_best = copy.deepcopy(model.state_dict()) if select else None, [], not select
+    if select:
+        log(f"{stage}: starts at {best_acc:.1%} on the validation photos")
     t_start, trained, seen, epoch, next_eval = time.perf_counter(), 0.0, 0, 0, 0.0
     eval_every = max(seconds / 8, 20.0)  # evaluations cost time too
     done = False
@@ -337,22 +373,23 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
                 break
         if main and n_seen and (time.perf_counter() - t_start >= next_eval or done):
             next_eval = time.perf_counter() - t_start + eval_every
-            acc, _ = evaluate_model(model, val_arrays, val_labels)
+            acc = evaluate_model(model, val_arrays, val_labels)[0] if select else float("nan")
             row = {"stage": stage, "epoch": epoch, **{k: round(v / n_seen, 5) for k, v in sums.items()},
-                   "train_acc": round(correct / n_seen, 5), "val_acc": round(acc, 5), "val_n": len(val_labels),
+                   "train_acc": round(correct / n_seen, 5), "val_acc": round(acc, 5) if select else None, "val_n": len(val_labels),
                    "images_per_s": round(world * seen / max(trained, 1e-9), 2), "processes": world, "train_minutes": round(trained / 60, 3),
                    "elapsed_minutes": round((time.perf_counter() - t_start) / 60, 3)}
             rows.append(row)
-            log(f"{stage} epoch {epoch}: loss {row['total']:.3f}, train acc {row['train_acc']:.3f}, val acc {acc:.3f}, "
-                f"{row['images_per_s']} img/s")
-            if acc >= best_acc:  # ties: the later, longer-trained weights
+            log(f"{stage} epoch {epoch}: loss {row['total']:.3f}, train acc {row['train_acc']:.3f}, "
+                + (f"val acc {acc:.3f}, " if select else "") + f"{row['images_per_s']} img/s")
+            if select and acc >= best_acc:  # ties: the later, longer-trained weights
                 best_acc, best_state, trained_best = acc, copy.deepcopy(model.state_dict()), True
     agree = distributed.replicas_agree(model, device)
     if agree is not None:
         log(f"{stage}: {world} processes {'hold the same' if agree else 'DIFFER in their'} weights")
         for r in rows:
             r["replicas_agree"] = agree
-    model.load_state_dict(best_state)
+    if select:
+        model.load_state_dict(best_state)
     return model.eval(), best_acc, rows, trained_best
 
 
@@ -361,6 +398,8 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
     if not stages or any(s not in STAGES for s in stages) or stages != [s for s in STAGES if s in stages]:
         raise DataError(f"--stages must be a comma-separated, ordered subset of {','.join(STAGES)}")
+    if cfg.refit not in ("auto", "on", "off"):
+        raise DataError(f"--refit must be auto, on or off; got {cfg.refit!r}")
     device = resolve_device(cfg.device)
     cfg.freeze_stride = resolve_freeze_stride(cfg.freeze_stride, device)
     world, rank, _ = distributed.info()
@@ -414,11 +453,13 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained).eval().to(memory_format=torch.channels_last)
     # under torchrun the other processes only train: they get their photos from the dataset and their weights from DDP
     train_arrays, train_labels, val_arrays, val_labels, engine, bar, bar_name = [], [], [], [], None, float("nan"), ""
+    gate = None  # (arrays, labels, description): photos the gate compares on when not all the validation photos
     instant_acc = float("nan")
     if main:
         progress(stage="loading photos")
         train_arrays, train_labels = _load_arrays(snap.train)
-        val_arrays, val_labels = _load_arrays(val_items)
+        val_paths: list[str] = []
+        val_arrays, val_labels = _load_arrays(val_items, val_paths)
         if len(set(train_labels)) < 2:
             raise ValueError("training needs readable photos of at least two products")
 
@@ -440,21 +481,38 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
                 from ntsnet import Predictor
 
                 prev = Predictor.from_checkpoint(current["checkpoint"], backend="torch")
-                prev_acc = accuracy_by_name(prev, val_arrays, val_labels, names)
+                seen = photos_trained_on(prev.extra) or set()
+                if any(p in seen for p in val_paths):
+                    # it trained on some of these photos (a refit, or splits drawn anew): the active model, the instant
+                    # model and every stage are compared on photos it never saw, else it would look better than it is
+                    gate = _unseen_photos(seen, val_paths, val_arrays, val_labels, snap.test)
+                    if gate is None:
+                        log("the active model trained on every validation and test photo: comparing with the instant model")
+                        prev_acc = -1.0
+                    else:
+                        feats = pooled_features(backbone, gate[0], size, engine)
+                        bar = float((prototype_predictions(clean_train, y_train, feats, n_cls) == torch.as_tensor(gate[1])).float().mean())
+                        prev_acc = accuracy_by_name(prev, gate[0], gate[1], names)
+                        log(f"comparing on {gate[2]}: instant model {bar:.1%}, active model {prev_acc:.1%}")
+                else:
+                    prev_acc = accuracy_by_name(prev, val_arrays, val_labels, names)
                 if prev_acc > bar:
                     bar, bar_name = prev_acc, f"active model {active.short_name(current['checkpoint'])}"
                 del prev
             except Exception as exc:  # an unreadable active model is no bar to clear
                 log(f"could not measure the active model ({exc}); comparing with the instant model")
         state["instant_val_acc"] = instant_acc
-        state["bar"] = {"val_acc": bar, "model": bar_name}
-        log(f"to beat: {bar_name} at {bar:.1%} on {len(val_labels)} validation photos (instant model {instant_acc:.1%})")
+        state["bar"] = {"val_acc": bar, "model": bar_name, **({"photos": gate[2]} if gate else {})}
+        log(f"to beat: {bar_name} at {bar:.1%} on {gate[2] if gate else f'{len(val_labels)} validation photos'} "
+            f"(instant model {instant_acc:.1%} on the validation photos)")
     best_path: Path | None = None
+    winner = None  # this run's best trained end-to-end stage: what a refit trains again
 
     def finish_stage(stage, model, acc, scores, trained=True, sizes=None):
         """``trained``: False when the stage's best weights are the ones it started from: the same answers as the
         model before it (NTS-Net's Navigator still untrained, and slower), so it is saved but not proposed."""
-        nonlocal bar, bar_name, best_path
+        nonlocal bar, bar_name, best_path, winner
+        gate_acc = acc if gate is None else evaluate_model(model, gate[0], gate[1])[0]
         path = run_dir / f"stage{STAGES.index(stage) + 1}-{stage}.safetensors"
         extra = {"stage": stage, "metrics": {"val_acc": acc, "val_n": len(val_labels)}, "class_count": n_cls,
                  "train_images": len(snap.train), "run_dir": str(run_dir), "train_config": asdict(cfg),
@@ -462,21 +520,53 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         save_checkpoint(path, model, names, extra=extra)
         if not trained:
             switched, verdict = False, f"kept {bar_name}: training never beat the stage's starting point ({acc:.1%})"
-        elif acc >= bar:
+        elif gate_acc >= bar:
             best_path = path
             atomic_write(run_dir / "best.safetensors", lambda tmp: Path(tmp).write_bytes(path.read_bytes()))
             if cfg.activate:
                 _prebuild_export(path, log)
-                switched, verdict = active.propose(cfg.db, path, acc, bar, val_n=len(val_labels), stage=stage)
+                switched, verdict = active.propose(cfg.db, path, gate_acc, bar, val_n=len(val_labels), stage=stage)
             else:
                 switched, verdict = False, "activation off"
-            bar, bar_name = acc, f"stage {stage}"
+            bar, bar_name = gate_acc, f"stage {stage}"
+            if stage != "linear":
+                winner = {"stage": stage, "model": model, "path": path, "active": switched}
         else:
-            switched, verdict = False, f"kept {bar_name} ({acc:.1%} < {bar:.1%})"
+            switched, verdict = False, f"kept {bar_name} ({gate_acc:.1%} < {bar:.1%})"
         state["results"].append({"stage": stage, "val_acc": acc, "active": switched, "verdict": verdict, "checkpoint": str(path),
                                  "input_size": model.config.input_size, "test_sizes": sizes,
+                                 **({"gate": {"acc": gate_acc, "photos": gate[2]}} if gate else {}),
                                  "minutes": round((time.perf_counter() - t_job) / 60, 2)})
         log(f"stage {stage}: validation accuracy {acc:.1%}: {verdict}")
+        progress()
+
+    def finish_refit(model, of: str):
+        """The refit replaces the winner if it is at least as accurate on the test photos (neither trained on them)."""
+        nonlocal best_path
+        test_arrays, test_labels = _load_arrays(snap.test)
+        win_acc = evaluate_model(winner["model"], test_arrays, test_labels)[0]
+        acc, scores = evaluate_model(model, test_arrays, test_labels)
+        path = run_dir / f"stage4-refit-{of}.safetensors"  # short name "run-... / refit-ntsnet": which model it is
+        extra = {"stage": "refit", "refit_of": of, "trained_on": ["train", "val"], "class_count": n_cls,
+                 "metrics": {"test_acc": acc, "test_n": len(test_labels), "replaced_test_acc": win_acc},
+                 "train_images": len(snap.train) + len(snap.val), "run_dir": str(run_dir), "train_config": asdict(cfg),
+                 "unknown_threshold": threshold_record(scores), "train_input_size": size}
+        save_checkpoint(path, model, names, extra=extra)
+        switched = False
+        if acc < win_acc:
+            verdict = f"kept stage {of} ({acc:.1%} < {win_acc:.1%} on {len(test_labels)} test photos)"
+        elif not winner["active"]:
+            verdict = f"stage {of} was not made active, so neither is its refit"
+        else:
+            best_path = path
+            atomic_write(run_dir / "best.safetensors", lambda tmp: Path(tmp).write_bytes(path.read_bytes()))
+            _prebuild_export(path, log)
+            switched, verdict = active.propose(cfg.db, path, acc, win_acc, test_n=len(test_labels), stage="refit", measured_on="test")
+        state["results"].append({"stage": "refit", "refit_of": of, "val_acc": None, "test_acc": acc, "test_n": len(test_labels),
+                                 "compared_with": {"stage": of, "test_acc": win_acc}, "active": switched, "verdict": verdict,
+                                 "checkpoint": str(path), "input_size": model.config.input_size,
+                                 "minutes": round((time.perf_counter() - t_job) / 60, 2)})
+        log(f"refit of {of}: {acc:.1%} on the test photos ({of}: {win_acc:.1%}): {verdict}")
         progress()
 
     # ---- stage 1: linear head on frozen features, imprinted from the prototypes
@@ -520,6 +610,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
 
     # ---- stage 2: end-to-end fine-tune of the classifier
     sizes_seconds = 0.0
+    starts = {}  # stage -> (starting weights, seconds, model config, head lr multiplier): what a refit repeats
     left = lambda: budget - (time.perf_counter() - t_job)  # noqa: E731
     if "finetune" in stages and distributed.agree(not stop and left() > 3, device):
         if classifier is None:
@@ -528,6 +619,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         seconds = distributed.agree(left() * (cfg.finetune_share if "ntsnet" in stages else 0.9), device)
         progress(stage="finetune", stage_seconds=round(seconds))
         model = classifier.to(device).to(memory_format=torch.channels_last) if device.type == "cpu" else classifier.to(device)
+        starts["finetune"] = (copy.deepcopy(model.state_dict()) if main else None, seconds, model.config, None)
         loss_fn = lambda out, y: nts_loss(out, y, model.config, label_smoothing=cfg.label_smoothing)  # noqa: E731
         model, acc, rows, trained = _fit(model, loss_fn, snap.train, size, cfg, seconds, device, autocast, stop, progress, "finetune",
                                 (val_arrays, val_labels), log)
@@ -552,6 +644,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         # time kept for its test sizes: NTS-Net costs about twice the classifier (K parts at half the size)
         seconds = distributed.agree(max(0.0, left() * 0.9 - 2 * sizes_seconds), device)
         progress(stage="ntsnet", stage_seconds=round(seconds))
+        starts["ntsnet"] = (copy.deepcopy(model.state_dict()) if main else None, seconds, nts_cfg, 1.0)
         loss_fn = lambda out, y: nts_loss(out, y, nts_cfg, label_smoothing=cfg.label_smoothing)  # noqa: E731
         # the heads continue stage 2's (not new layers); the Navigator at a high rate lets the ranking loss diverge
         model, acc, rows, trained = _fit(model, loss_fn, snap.train, size, cfg, seconds, device, autocast, stop, progress, "ntsnet",
@@ -562,13 +655,49 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
             model, acc, scores, sizes = answering_model(model, acc, trained)
             finish_stage("ntsnet", model, acc, scores, trained, sizes)
 
+    # ---- refit: the winning stage again, from the same start for the same time, on training + validation photos
+    # (few photos a product: 15% more to learn from); it can only be measured on the test photos, against the winner
+    wanted, why = refit_wanted(cfg, snap)
+    if main and winner is not None:
+        log(why)
+    refit_of = distributed.agree(STAGES.index(winner["stage"]) if main and winner and wanted and not stop else 0, device)
+    if refit_of and not stop:
+        stage = STAGES[int(refit_of)]
+        start_state, seconds, model_cfg, head_lr_mult = starts[stage]
+        model = create_model(model_cfg, pretrained=False)
+        if main:
+            model.load_state_dict(start_state)
+        model = model.to(device)
+        if device.type == "cpu":
+            model = model.to(memory_format=torch.channels_last)
+        budget += seconds  # the ETA counts it
+        state["stages"] = stages + ["refit"]
+        progress(stage="refit", stage_seconds=round(seconds), refit_of=stage)
+        loss_fn = lambda out, y: nts_loss(out, y, model_cfg, label_smoothing=cfg.label_smoothing)  # noqa: E731
+        model, _, rows, _ = _fit(model, loss_fn, snap.train + snap.val, size, cfg, seconds, device, autocast, stop, progress, "refit",
+                                 None, log, head_lr_mult=head_lr_mult)
+        record(rows)
+        if main and not stop:
+            finish_refit(at_input_size(model.cpu(), winner["model"].config.input_size), stage)
+
     final = "cancelled" if distributed.agree(bool(stop), device) else "finished"
     distributed.finish()
     progress(state=final, stage="done", eta_seconds=0, stage_seconds_left=0)
     log(f"{final} after {(time.perf_counter() - t_job) / 60:.1f} min; "
-        + "; ".join(f"{r['stage']} {r['val_acc']:.1%}{' (active)' if r['active'] else ''}" for r in state["results"]))
+        + "; ".join(f"{r['stage']} {r['val_acc'] if r['val_acc'] is not None else r['test_acc']:.1%}{' (active)' if r['active'] else ''}"
+                    for r in state["results"]))
     return {"run_dir": str(run_dir), "state": final, "results": state["results"], "instant_val_acc": instant_acc,
             "best_checkpoint": str(best_path) if best_path else None}
+
+
+def _unseen_photos(seen: set, val_paths, val_arrays, val_labels, test_items):
+    """The validation photos a model never trained on, or else the test photos it never trained on, as
+    (arrays, labels, description); None when it trained on all of them."""
+    keep = [i for i, p in enumerate(val_paths) if p not in seen]
+    if keep:
+        return [val_arrays[i] for i in keep], [val_labels[i] for i in keep], f"the {len(keep)} validation photos it never trained on"
+    arrays, labels = _load_arrays([it for it in test_items if it["path"] not in seen])
+    return (arrays, labels, f"{len(labels)} test photos it never trained on") if labels else None
 
 
 def _classifier(cfg: ProgressiveConfig, n_cls: int, size: int, backbone):

@@ -447,7 +447,12 @@ class Studio:
             for r in p.get("results", []):
                 mark = "became the active model" if r["active"] else "not better: the previous model kept answering"
                 size = f" at {r['input_size']} px" if r.get("input_size") else ""
-                lines.append(f"{r['stage']}: {r['val_acc']:.1%}{size} — {mark}")
+                if r["stage"] == "refit":  # trained on the validation photos too: only the test photos can tell
+                    other = r["compared_with"]
+                    lines.append(f"refit of {r['refit_of']} on training + validation photos: {r['test_acc']:.1%} on {r['test_n']} test "
+                                 f"photos ({other['stage']}: {other['test_acc']:.1%}){size} — {mark}")
+                else:
+                    lines.append(f"{r['stage']}: {r['val_acc']:.1%}{size} — {mark}")
         elif p.get("epoch"):
             lines.append(f"epoch {p['epoch']}/{p.get('epochs')}, step {p.get('step', '-')}/{p.get('steps', '-')}")
         if p.get("loss"):
