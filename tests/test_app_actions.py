@@ -270,3 +270,17 @@ def test_webcams_ask_for_modest_frames_not_gradios_1920x1440(studio):
             if b.__class__.__name__ == "Image" and "webcam" in (b.sources or [])}
     assert cams["Live camera"]["video"]["width"]["ideal"] == 640  # the model sees 448x448: more is wasted work
     assert cams["Camera"]["video"]["width"]["ideal"] <= 1280
+
+
+def test_the_train_tab_shows_a_refit_against_the_stage_it_refitted_on_the_test_photos():
+    from webapp import Studio
+
+    run = {"name": "run-1", "state": "finished", "progress": {
+        "recipe": "progressive", "stage": "done", "stages": ["linear", "finetune", "refit"], "instant_val_acc": 0.7, "val_images": 10,
+        "results": [
+            {"stage": "finetune", "val_acc": 0.9, "active": True, "input_size": 256},
+            {"stage": "refit", "refit_of": "finetune", "val_acc": None, "test_acc": 0.95, "test_n": 20,
+             "compared_with": {"stage": "finetune", "test_acc": 0.85}, "active": True, "input_size": 256}]}}
+    text = Studio.describe_run(run)
+    assert "finetune: 90.0% at 256 px — became the active model" in text
+    assert "refit of finetune on training + validation photos: 95.0% on 20 test photos (finetune: 85.0%) at 256 px" in text

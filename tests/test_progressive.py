@@ -26,6 +26,12 @@ def small_catalogue(root, n_per_class=5, classes=2, seed=0):
     return cat
 
 
+def _three_split_catalogue(root, n_per_class=10):
+    cat = small_catalogue(root, n_per_class=n_per_class)
+    assign_splits(cat, val=0.2, test=0.2, reset=True)
+    return cat
+
+
 def test_imprinted_head_answers_exactly_as_the_prototypes_do():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(5, 64, generator=g) * 2
@@ -273,7 +279,7 @@ def test_the_default_job_trains_under_torchrun_with_two_gloo_processes(tmp_path)
     import sys
     from pathlib import Path
 
-    cat = small_catalogue(tmp_path / "cat", n_per_class=6)
+    cat = _three_split_catalogue(tmp_path / "cat", n_per_class=8)  # test photos: the refit runs under DDP too
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training", "train",
            "--db", str(cat.root), "--out", str(run), "--backbone", "tiny", "--no-pretrained", "--max-minutes", "0.3",
@@ -284,20 +290,14 @@ def test_the_default_job_trains_under_torchrun_with_two_gloo_processes(tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     progress = json.loads((run / "progress.json").read_text())
     assert progress["state"] == "finished" and progress["processes"] == 2
-    assert [x["stage"] for x in progress["results"]] == ["linear", "finetune", "ntsnet"]  # written once, by process 0
+    assert [x["stage"] for x in progress["results"]] == ["linear", "finetune", "ntsnet", "refit"]  # written once, by process 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    trained = [row for row in rows if row["stage"] in ("finetune", "ntsnet")]
-    assert {row["stage"] for row in trained} == {"finetune", "ntsnet"}
-    # DDP kept both copies of the network identical through every step of both end-to-end stages
+    trained = [row for row in rows if row["stage"] in ("finetune", "ntsnet", "refit")]
+    assert {row["stage"] for row in trained} == {"finetune", "ntsnet", "refit"}
+    # DDP kept both copies of the network identical through every step of the end-to-end stages
     assert all(row["processes"] == 2 and row["replicas_agree"] is True for row in trained)
     for x in progress["results"]:
         assert Predictor.from_checkpoint(x["checkpoint"], backend="torch").config.num_classes == 2
-
-
-def _three_split_catalogue(root, n_per_class=10):
-    cat = small_catalogue(root, n_per_class=n_per_class)
-    assign_splits(cat, val=0.2, test=0.2, reset=True)
-    return cat
 
 
 def test_the_refit_trains_on_validation_photos_too_and_replaces_the_winner_only_if_not_worse_on_test_photos(tmp_path, monkeypatch):
