@@ -340,7 +340,7 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
         sums, n_seen, correct = {"total": 0.0, "L_I": 0.0, "L_S": 0.0, "L_C": 0.0}, 0, 0
         for x, y, _ in loader:
             t0 = time.perf_counter()
-            frac = min(1.0, (t0 - t_start) / seconds)  # wall clock: loading and evaluating count against the budget
+            frac = min(1.0, (t0 - t_start) / max(seconds, 1e-9))  # wall clock: loading and evaluating count against the budget
             halt, skip, frac = distributed.step_consensus(bool(stop), x is None, frac, device)  # anyone's cancel, process 0's clock
             if halt:
                 done = True
