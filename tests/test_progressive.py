@@ -371,3 +371,18 @@ def test_an_active_model_is_measured_only_on_photos_it_never_trained_on(tmp_path
     linear = summary["results"][0]
     assert linear["gate"]["photos"] == progress["bar"]["photos"]
     assert linear["active"] == (linear["gate"]["acc"] >= progress["bar"]["val_acc"])
+
+
+def test_a_stage_planned_with_no_seconds_left_trains_at_most_one_step(tmp_path):
+    from training import progressive
+
+    cat = small_catalogue(tmp_path / "cat")
+    snap = progressive.take_snapshot(cat.root)
+    cfg = ProgressiveConfig(backbone="tiny", batch_size=4, workers=0, freeze_stride=0)
+    model = create_model(NTSConfig(model="baseline", backbone="tiny", num_classes=2, input_size=64, cat_num=0, proposal_num=1),
+                         pretrained=False)
+    loss_fn = lambda out, y: progressive.nts_loss(out, y, model.config)  # noqa: E731
+    val = progressive._load_arrays(snap.val)
+    _, acc, rows, _ = progressive._fit(model, loss_fn, snap.train, 64, cfg, 0.0, torch.device("cpu"), progressive.contextlib.nullcontext,
+                                       False, lambda **kw: None, "finetune", val, lambda *a: None)
+    assert len(rows) == 1 and rows[0]["epoch"] == 1 and 0.0 <= acc <= 1.0

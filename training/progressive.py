@@ -508,10 +508,20 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     best_path: Path | None = None
     winner = None  # this run's best trained end-to-end stage: what a refit trains again
 
+    def promote(path: Path, acc: float, to_beat: float, **info) -> tuple[bool, str]:
+        """The run's best so far: best.safetensors, its export built, then proposed as the catalogue's active model."""
+        nonlocal best_path
+        best_path = path
+        atomic_write(run_dir / "best.safetensors", lambda tmp: Path(tmp).write_bytes(path.read_bytes()))
+        if not cfg.activate:
+            return False, "activation off"
+        _prebuild_export(path, log)
+        return active.propose(cfg.db, path, acc, to_beat, **info)
+
     def finish_stage(stage, model, acc, scores, trained=True, sizes=None):
         """``trained``: False when the stage's best weights are the ones it started from: the same answers as the
         model before it (NTS-Net's Navigator still untrained, and slower), so it is saved but not proposed."""
-        nonlocal bar, bar_name, best_path, winner
+        nonlocal bar, bar_name, winner
         gate_acc = acc if gate is None else evaluate_model(model, gate[0], gate[1])[0]
         path = run_dir / f"stage{STAGES.index(stage) + 1}-{stage}.safetensors"
         extra = {"stage": stage, "metrics": {"val_acc": acc, "val_n": len(val_labels)}, "class_count": n_cls,
@@ -521,13 +531,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         if not trained:
             switched, verdict = False, f"kept {bar_name}: training never beat the stage's starting point ({acc:.1%})"
         elif gate_acc >= bar:
-            best_path = path
-            atomic_write(run_dir / "best.safetensors", lambda tmp: Path(tmp).write_bytes(path.read_bytes()))
-            if cfg.activate:
-                _prebuild_export(path, log)
-                switched, verdict = active.propose(cfg.db, path, gate_acc, bar, val_n=len(val_labels), stage=stage)
-            else:
-                switched, verdict = False, "activation off"
+            switched, verdict = promote(path, gate_acc, bar, val_n=len(val_labels), stage=stage)
             bar, bar_name = gate_acc, f"stage {stage}"
             if stage != "linear":
                 winner = {"stage": stage, "model": model, "path": path, "active": switched}
@@ -542,7 +546,6 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
 
     def finish_refit(model, of: str):
         """The refit replaces the winner if it is at least as accurate on the test photos (neither trained on them)."""
-        nonlocal best_path
         test_arrays, test_labels = _load_arrays(snap.test)
         win_acc = evaluate_model(winner["model"], test_arrays, test_labels)[0]
         acc, scores = evaluate_model(model, test_arrays, test_labels)
@@ -558,10 +561,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         elif not winner["active"]:
             verdict = f"stage {of} was not made active, so neither is its refit"
         else:
-            best_path = path
-            atomic_write(run_dir / "best.safetensors", lambda tmp: Path(tmp).write_bytes(path.read_bytes()))
-            _prebuild_export(path, log)
-            switched, verdict = active.propose(cfg.db, path, acc, win_acc, test_n=len(test_labels), stage="refit", measured_on="test")
+            switched, verdict = promote(path, acc, win_acc, test_n=len(test_labels), stage="refit", measured_on="test")
         state["results"].append({"stage": "refit", "refit_of": of, "val_acc": None, "test_acc": acc, "test_n": len(test_labels),
                                  "compared_with": {"stage": of, "test_acc": win_acc}, "active": switched, "verdict": verdict,
                                  "checkpoint": str(path), "input_size": model.config.input_size,
@@ -618,7 +618,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         # the rest: final evaluations, export; several processes all follow process 0's plan
         seconds = distributed.agree(left() * (cfg.finetune_share if "ntsnet" in stages else 0.9), device)
         progress(stage="finetune", stage_seconds=round(seconds))
-        model = classifier.to(device).to(memory_format=torch.channels_last) if device.type == "cpu" else classifier.to(device)
+        model = _on(device, classifier)
         starts["finetune"] = (copy.deepcopy(model.state_dict()) if main else None, seconds, model.config, None)
         loss_fn = lambda out, y: nts_loss(out, y, model.config, label_smoothing=cfg.label_smoothing)  # noqa: E731
         model, acc, rows, trained = _fit(model, loss_fn, snap.train, size, cfg, seconds, device, autocast, stop, progress, "finetune",
@@ -638,9 +638,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
                             proposal_num=cfg.proposal_num, cat_num=cfg.cat_num)
         if classifier is None:
             classifier = _classifier(cfg, n_cls, size, backbone)
-        model = ntsnet_from_classifier(classifier, nts_cfg).to(device)
-        if device.type == "cpu":
-            model = model.to(memory_format=torch.channels_last)
+        model = _on(device, ntsnet_from_classifier(classifier, nts_cfg))
         # time kept for its test sizes: NTS-Net costs about twice the classifier (K parts at half the size)
         seconds = distributed.agree(max(0.0, left() * 0.9 - 2 * sizes_seconds), device)
         progress(stage="ntsnet", stage_seconds=round(seconds))
@@ -665,11 +663,9 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         stage = STAGES[int(refit_of)]
         start_state, seconds, model_cfg, head_lr_mult = starts[stage]
         model = create_model(model_cfg, pretrained=False)
-        if main:
+        if main:  # the others get process 0's weights from DDP
             model.load_state_dict(start_state)
-        model = model.to(device)
-        if device.type == "cpu":
-            model = model.to(memory_format=torch.channels_last)
+        model = _on(device, model)
         budget += seconds  # the ETA counts it
         state["stages"] = stages + ["refit"]
         progress(stage="refit", stage_seconds=round(seconds), refit_of=stage)
@@ -698,6 +694,12 @@ def _unseen_photos(seen: set, val_paths, val_arrays, val_labels, test_items):
         return [val_arrays[i] for i in keep], [val_labels[i] for i in keep], f"the {len(keep)} validation photos it never trained on"
     arrays, labels = _load_arrays([it for it in test_items if it["path"] not in seen])
     return (arrays, labels, f"{len(labels)} test photos it never trained on") if labels else None
+
+
+def _on(device: torch.device, model):
+    """The model on the training device; NHWC on a CPU (oneDNN is faster in it, in fp32 too)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
 
 
 def _classifier(cfg: ProgressiveConfig, n_cls: int, size: int, backbone):

@@ -145,8 +145,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if main_proc and not snap_path.exists():
         take_snapshot(cfg.db, exclude=[p.strip() for p in cfg.exclude_products.split(",") if p.strip()]).save(snap_path)
         _write_json(run_dir / "config.json", asdict(cfg))
-    if world > 1:
-        dist.barrier()
+    distributed.barrier()
     snap = Snapshot.load(snap_path)
     train_items = snap.train[: cfg.max_train_images] if cfg.max_train_images else snap.train
     val_items = snap.val or snap.test
@@ -277,8 +276,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 f"{row['images_per_s']} img/s" + (f", skipped {skipped} unreadable photos" if skipped else ""))
         else:
             state.epoch = epoch
-        if world > 1:
-            dist.barrier()
+        distributed.barrier()
         if stop["reason"]:
             log(f"stopped: {stop['reason']} after {state.train_seconds / 60:.1f} min of training")
             break
@@ -294,8 +292,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         final = "cancelled"
     progress.update(state=final, epoch=state.epoch, epochs=cfg.epochs, best_val_acc=state.best_val if state.best_val >= 0 else None,
                     stop_reason=stop["reason"] or "finished", eta_seconds=0)
-    if world > 1:
-        dist.destroy_process_group()
+    distributed.finish()
     last = state.history[-1] if state.history else {}
     return {"run_dir": str(run_dir), "state": final, "best_val_acc": state.best_val, **last}
 
