@@ -23,7 +23,7 @@ import torch
 
 from .backbones import create_backbone
 from .checkpoint import atomic_write
-from .images import to_input_tensor, to_rgb_array
+from .images import PREPROCESSING, to_input_tensor, to_rgb_array
 from .predictor import Prediction, cpu_supports_fast_bf16
 from .runtime import keep_freed_memory, single_torch_thread
 
@@ -174,7 +174,7 @@ class InstantIndex:
         ids = sorted(self.embeddings)
         tensors = {"ids": torch.tensor(ids, dtype=torch.int64),
                    "embeddings": torch.from_numpy(np.stack([self.embeddings[i] for i in ids])) if ids else torch.zeros(0, 1)}
-        meta = {"format": "ntsnet-instant-index", "backbone": self.backbone,
+        meta = {"format": "ntsnet-instant-index", "backbone": self.backbone, "preprocessing": PREPROCESSING,
                 "labels": json.dumps([self.labels[i] for i in ids], ensure_ascii=False),
                 "threshold": json.dumps(self.threshold)}
         atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -186,8 +186,8 @@ class InstantIndex:
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
-                if meta.get("format") != "ntsnet-instant-index":
-                    return None
+                if meta.get("format") != "ntsnet-instant-index" or meta.get("preprocessing") != PREPROCESSING:
+                    return None  # embeddings of other inputs than a frame gets now: recomputed
                 ids = fh.get_tensor("ids").tolist()
                 emb = fh.get_tensor("embeddings").numpy()
             labels = json.loads(meta["labels"])

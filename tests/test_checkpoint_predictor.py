@@ -196,3 +196,36 @@ def test_model_input_is_the_training_photos_resize(size):
     ref = training_tensor(Image.fromarray(frame), size, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
     grey_levels = ((x[0] - ref) * torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1) * 255).abs()
     assert grey_levels.max() <= 1.01 and grey_levels.mean() < 0.5
+
+
+def test_an_underexposed_photo_is_brightened_back_and_a_normal_one_is_left_alone():
+    """Exposure normalisation (ntsnet/images.py): the evaluation's dark condition (25% brightness) comes back to
+    within a few grey levels of the photo it was made from, in training's and inference's preprocessing alike; a
+    normally exposed photo passes bit for bit; the gain is capped, so a black frame stays dark."""
+    from ntsnet.images import EXPOSURE_MAX_GAIN, exposure_gain, normalise_exposure, to_input_tensor
+    from training.data import to_tensor as training_tensor
+    from training.evaluate import apply_condition
+
+    rng = np.random.default_rng(5)
+    frame = draw_product(rng, "red-box", size=320, height=240)
+    frame = np.clip(frame.astype(np.float32) * 0.9 + 20, 0, 255).astype(np.uint8)  # brightest 1% at ~250 grey levels
+    dark = apply_condition(frame, "dark")
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    clean_x, dark_x = to_input_tensor([frame, dark], 224, mean, std)
+    raw = torch.from_numpy(frame).permute(2, 0, 1).float().unsqueeze(0) / 255
+    assert exposure_gain(raw).item() == 1.0
+    assert torch.equal(normalise_exposure(raw), raw)
+    # brought back to the same exposure (the 99th percentile at the target), so within a few grey levels of the original
+    # scaled to that target: 25% brightness keeps 2 bits fewer, so the mean error stays under 3 grey levels
+    target = clean_x * (dark_x.quantile(0.99) / clean_x.quantile(0.99))
+    assert (dark_x - target).abs().mean() * 255 < 3
+    assert dark_x.mean() > 3 * torch.from_numpy(dark).float().mean() / 255
+    train_dark = training_tensor(Image.fromarray(dark), 224, mean=mean, std=std)
+    assert (train_dark - dark_x).abs().mean() * 255 < 1.5
+    # a mixed batch: only the dark photo changes
+    both = torch.stack([raw[0], raw[0] * 0.25])
+    out = normalise_exposure(both.clone())
+    assert torch.equal(out[0], raw[0]) and not torch.equal(out[1], both[1])
+    black = torch.full((1, 3, 64, 64), 2 / 255)
+    assert exposure_gain(black).item() == EXPOSURE_MAX_GAIN
+    assert normalise_exposure(black).max() <= 8 / 255 + 1e-6

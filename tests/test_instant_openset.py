@@ -104,6 +104,16 @@ def test_rebuilt_after_merge_delete_and_backbone_change(shop):
     assert other.sync()["added"] == 15
 
 
+def test_embeddings_of_an_older_preprocessing_are_recomputed(shop, monkeypatch):
+    import ntsnet.instant as instant
+
+    InstantRecogniser(shop).sync()
+    assert InstantIndex.load(shop.root / INDEX_FILE) is not None
+    monkeypatch.setattr(instant, "PREPROCESSING", "a later preprocessing")
+    assert InstantIndex.load(shop.root / INDEX_FILE) is None
+    assert InstantRecogniser(shop).sync()["added"] == 16
+
+
 def test_ntsnet_stores_a_threshold_and_reports_open_set(tmp_path, monkeypatch):
     """Train on two products with the third held out; the checkpoint carries a calibrated threshold and
     evaluate --unknown-products reports AUROC and the coverage trade-off."""

@@ -17,6 +17,7 @@ from PIL import Image, ImageFile
 
 from dataset_tools import Catalogue, assign_splits
 from ntsnet.backbones import IMAGENET_MEAN, IMAGENET_STD
+from ntsnet.images import normalise_exposure
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -83,7 +84,7 @@ def to_tensor(im: Image.Image, size: int, flip: bool = False, mean=IMAGENET_MEAN
     im = im.resize((size, size), Image.BILINEAR)
     if flip:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    x = normalise_exposure(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
@@ -112,9 +113,11 @@ def store_augment(im: Image.Image, rng: np.random.Generator) -> Image.Image:
     im = ImageEnhance.Brightness(im).enhance(float(rng.uniform(0.6, 1.4)))
     im = ImageEnhance.Contrast(im).enhance(float(rng.uniform(0.6, 1.4)))
     im = ImageEnhance.Color(im).enhance(float(rng.uniform(0.6, 1.4)))
-    if rng.random() < 0.25:  # a dark shelf
+    if rng.random() < 0.25:  # a dark shelf: less light, and the sensor noise that the camera's gain then amplifies
         im = ImageEnhance.Brightness(im).enhance(float(rng.uniform(0.15, 0.5)))
-    if rng.random() < 0.25:
+        noise = rng.normal(0.0, rng.uniform(0.0, 3.0), (im.size[1], im.size[0], 3))
+        im = Image.fromarray(np.clip(np.asarray(im, dtype=np.float32) + noise, 0, 255).round().astype(np.uint8))
+    if rng.random() < 0.35:  # focus and motion blur: the condition the job's models held up worst in (training/evaluate.py)
         im = im.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 0.025 * max(im.size)))))
     if rng.random() < 0.2:  # a tiny image: the model sees it upscaled
         scale = rng.uniform(40, 110) / max(im.size)
