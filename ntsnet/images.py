@@ -50,6 +50,10 @@ def to_rgb_array(image) -> np.ndarray:
     return arr if arr.flags.writeable else arr.copy()  # PIL hands out read-only buffers
 
 
+# names what to_input_tensor does to a photo; stored with cached embeddings, which are recomputed when it changes
+PREPROCESSING = "resize-antialias+exposure-1"
+
+
 def to_input_tensor(images: list[np.ndarray], size: int, mean, std) -> torch.Tensor:
     """Resize each RGB array to size x size (the paper scales, it does not crop) and normalise: (B, 3, S, S)."""
     batch = []
@@ -71,8 +75,6 @@ def to_input_tensor(images: list[np.ndarray], size: int, mean, std) -> torch.Ten
 # black frame is not blown up into a picture. Training and inference both pass through here (to_input_tensor and
 # training/data.py: to_tensor), so a model sees the same inputs in both.
 EXPOSURE_TRIGGER = 0.5
-# names what to_input_tensor does to a photo; stored with cached embeddings, which are recomputed when it changes
-PREPROCESSING = "resize-antialias+exposure-1"
 EXPOSURE_TARGET = 0.85
 EXPOSURE_MAX_GAIN = 4.0
 _LUMA = (0.299, 0.587, 0.114)
