@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 
+ANSWERS = ("scrutinizer", "all-heads")
+
+
 @dataclass
 class NTSConfig:
     model: str = "ntsnet"   # "ntsnet", or "baseline": the same backbone as a plain classifier (paper Table 1)
@@ -18,6 +21,10 @@ class NTSConfig:
     rank_weight: float = 1.0   # weight of L_I (the paper fixes it at 1)
     lambda_s: float = 1.0      # lambda in L_total = L_I + lambda L_S + mu L_C
     mu_c: float = 1.0          # mu
+    # what a prediction is: "scrutinizer" (the paper: the Scrutinizer's logits alone) or "all-heads" (the mean of the
+    # Scrutinizer's, the whole-image head's and the Teacher's part probabilities, all computed anyway; the progressive
+    # job picks it only where it measures better on the validation photos)
+    answer: str = "scrutinizer"
 
     def __post_init__(self):
         if self.model not in ("ntsnet", "baseline"):
@@ -30,6 +37,8 @@ class NTSConfig:
             raise ValueError("proposal_num (M) must be at least 1: the Teacher needs parts to rank")
         if self.input_size < 32 or self.part_size < 32:
             raise ValueError("input_size and part_size must be at least 32 pixels")
+        if self.answer not in ANSWERS:
+            raise ValueError(f"answer must be one of {', '.join(ANSWERS)}, not {self.answer!r}")
         if not 0 < self.nms_iou <= 1:
             raise ValueError("nms_iou must be in (0, 1]")
 

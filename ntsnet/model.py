@@ -53,6 +53,18 @@ class NTSOutput:
     part_features: torch.Tensor | None = None  # (B, P, C) what the Teacher and Scrutinizer read (live reuse, see forward)
 
 
+def answer_probabilities(out: NTSOutput, answer: str = "scrutinizer") -> torch.Tensor:
+    """(B, C) class probabilities of one forward pass. "all-heads" averages the Scrutinizer's, the whole-image
+    head's and the Teacher's (its logits averaged over the parts) probabilities: three views of one photo that the
+    network computes anyway, so the ensemble costs nothing; a model without parts has one head to ask."""
+    probs = out.concat_logits.float().softmax(1)
+    if answer == "scrutinizer" or out.part_logits.shape[1] == 0:
+        return probs
+    if answer != "all-heads":
+        raise ValueError(f"unknown answer {answer!r}")
+    return (probs + out.raw_logits.float().softmax(1) + out.part_logits.float().mean(1).softmax(1)) / 3
+
+
 class NTSNet(nn.Module):
     def __init__(self, config: NTSConfig, pretrained: bool = True):
         super().__init__()

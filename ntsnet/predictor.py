@@ -19,6 +19,7 @@ from . import compiled
 from .checkpoint import build_model, load_checkpoint
 from .fuse import inference_copy
 from .images import to_input_tensor, to_rgb_array
+from .model import answer_probabilities
 from .runtime import keep_freed_memory, single_torch_thread
 
 log = logging.getLogger("ntsnet")
@@ -220,7 +221,7 @@ class Predictor:
             memory.update(parts=(out.part_index, out.part_features), engine=engine, size=arrays[0].shape,
                           age=memory.get("age", 0) + 1 if reused else 0, reused=memory.get("reused", 0) + reused,
                           frames=memory.get("frames", 0) + 1)
-        probs = out.concat_logits.float().softmax(dim=1).cpu()
+        probs = answer_probabilities(out, self.config.answer).cpu()
         boxes = out.part_boxes.float().cpu()
         scores = out.part_scores.float().cpu()
         k = min(top_k, probs.shape[1])

@@ -229,3 +229,33 @@ def test_an_underexposed_photo_is_brightened_back_and_a_normal_one_is_left_alone
     black = torch.full((1, 3, 64, 64), 2 / 255)
     assert exposure_gain(black).item() == EXPOSURE_MAX_GAIN
     assert normalise_exposure(black).max() <= 8 / 255 + 1e-6
+
+
+def test_the_checkpoint_says_which_heads_answer_and_an_older_one_answers_with_the_scrutinizer(tiny_checkpoint, tmp_path, rng):
+    from safetensors.torch import load_file, save_file
+
+    from ntsnet import answer_probabilities
+    from ntsnet.checkpoint import _read_metadata
+    from ntsnet.images import to_input_tensor
+
+    base = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32", backend="torch")
+    model = build_model(load_checkpoint(tiny_checkpoint)).eval()
+    model.config.answer = "all-heads"
+    path = save_checkpoint(tmp_path / "heads.safetensors", model, base.class_names, extra=base.extra)
+    heads = Predictor.from_checkpoint(path, precision="fp32", backend="torch")
+    assert heads.config.answer == "all-heads"
+    images = [draw_product(rng, name) for name in base.class_names for _ in range(3)]
+    with torch.no_grad():
+        out = model(to_input_tensor(images, model.config.input_size, model.mean, model.std), num_parts=model.config.cat_num)
+    for answer, predictor in (("all-heads", heads), ("scrutinizer", base)):
+        want = answer_probabilities(out, answer).max(1)
+        got = predictor.predict_batch(images)
+        assert [p.index for p in got] == want.indices.tolist()
+        assert [p.score for p in got] == pytest.approx(want.values.tolist(), abs=1e-4)
+    # a checkpoint written before the setting existed has no "answer" in its config: the paper's Scrutinizer answers
+    meta = _read_metadata(path)
+    config = json.loads(meta["config"])
+    del config["answer"]
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata={**meta, "config": json.dumps(config)})
+    assert load_checkpoint(old).config.answer == "scrutinizer"

@@ -8,12 +8,13 @@ import torch
 
 from synthetic import make_dataset
 from dataset_tools import Catalogue, assign_splits
-from ntsnet import NTSConfig, Predictor, create_model, load_checkpoint
+from ntsnet import NTSConfig, Predictor, answer_probabilities, create_model, load_checkpoint
+from ntsnet.images import to_input_tensor
 from training import active, jobs
 from training.openset import threshold_record as unknown_threshold
 from training.evaluate import CONDITIONS
-from training.progressive import (ProgressiveConfig, at_input_size, choose_test_size, imprinted_head, ntsnet_from_classifier,
-                                  prototype_predictions, candidate_sizes, train_progressive)
+from training.progressive import (ProgressiveConfig, at_input_size, choose_test_size, evaluate_answers, evaluate_model, imprinted_head,
+                                  ntsnet_from_classifier, prototype_predictions, candidate_sizes, train_progressive)
 
 
 def small_catalogue(root, n_per_class=5, classes=2, seed=0):
@@ -100,7 +101,7 @@ def test_the_test_size_with_the_best_mean_over_store_conditions_answers():
         def evaluate(model, conditioned, y):
             cond = CONDITIONS[len([c for c in calls if c[0] == model.config.input_size])]
             calls.append((model.config.input_size, cond))
-            return accuracy[model.config.input_size][cond], [0.5] * len(y)
+            return {"scrutinizer": (accuracy[model.config.input_size][cond], [0.5] * len(y))}
 
         chosen, acc, scores, table = choose_test_size(net, arrays, labels, log=lambda *a: None, evaluate=evaluate)
         assert sorted(calls) == sorted((s, c) for s in (64, 96) for c in CONDITIONS)
@@ -108,10 +109,71 @@ def test_the_test_size_with_the_best_mean_over_store_conditions_answers():
 
     clean_best = {64: dict(zip(CONDITIONS, (0.9, 0.5, 0.5, 0.5))), 96: dict(zip(CONDITIONS, (0.8, 0.7, 0.7, 0.7)))}
     chosen, acc, table = run(clean_best)
-    assert chosen.config.input_size == 96 and acc == 0.8 and table[96]["mean"] == pytest.approx(0.725)
+    assert chosen.config.input_size == 96 and acc == 0.8 and table["96"]["mean"] == pytest.approx(0.725)
     tie = {64: dict(zip(CONDITIONS, (0.6,) * 4)), 96: dict(zip(CONDITIONS, (0.6,) * 4))}
     chosen, acc, _ = run(tie)
     assert chosen is net and acc == 0.6
+
+
+def _small_ntsnet(answer="scrutinizer"):
+    torch.manual_seed(4)
+    cfg = NTSConfig(model="ntsnet", backbone="tiny", num_classes=3, input_size=64, part_size=32, proposal_num=3, cat_num=2, answer=answer)
+    return create_model(cfg, pretrained=False).eval()
+
+
+def test_all_heads_answer_averages_the_scrutinizer_whole_image_and_teacher_probabilities():
+    net = _small_ntsnet()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 64, 64))
+    soft = lambda logits: logits.softmax(1)  # noqa: E731
+    assert torch.equal(answer_probabilities(out, "scrutinizer"), soft(out.concat_logits))
+    want = (soft(out.concat_logits) + soft(out.raw_logits) + soft(out.part_logits.mean(1))) / 3
+    got = answer_probabilities(out, "all-heads")
+    assert torch.allclose(got, want) and torch.allclose(got.sum(1), torch.ones(2))
+    assert not torch.allclose(got, soft(out.concat_logits))
+    base = create_model(NTSConfig(model="baseline", backbone="tiny", num_classes=3, input_size=64, cat_num=0), pretrained=False).eval()
+    with torch.no_grad():
+        plain = base(torch.randn(2, 3, 64, 64))
+    assert torch.equal(answer_probabilities(plain, "all-heads"), soft(plain.concat_logits))  # one head: nothing to average
+    with pytest.raises(ValueError, match="answer must be one of"):
+        NTSConfig(answer="vote")
+
+
+def test_the_job_answers_with_all_heads_only_where_that_measures_better():
+    """NTS-Net's candidates are (size, answer) pairs from one pass each; ties go to the Scrutinizer alone."""
+    net = _small_ntsnet()
+    arrays, labels = [np.zeros((40, 40, 3), np.uint8)] * 3, [0, 1, 0]
+    passes = []
+
+    def evaluate(better):
+        def run(model, conditioned, y):
+            passes.append(model.config.input_size)
+            return {"scrutinizer": (0.6, [0.5] * len(y)), "all-heads": (0.6 + better * (model.config.input_size == 96), [0.7] * len(y))}
+        return run
+
+    chosen, acc, scores, table = choose_test_size(net, arrays, labels, log=lambda *a: None, evaluate=evaluate(0.1))
+    assert (chosen.config.input_size, chosen.config.answer, acc, scores) == (96, "all-heads", pytest.approx(0.7), [0.7] * 3)
+    assert set(table) == {"64", "64 all-heads", "96", "96 all-heads"} and len(passes) == 2 * len(CONDITIONS)
+    for (name, a), b in zip(net.state_dict().items(), chosen.state_dict().values()):
+        assert torch.equal(a, b), name
+    chosen, acc, _, _ = choose_test_size(net, arrays, labels, log=lambda *a: None, evaluate=evaluate(0.0))
+    assert chosen is net and chosen.config.answer == "scrutinizer"
+
+
+def test_the_evaluation_scores_every_answer_from_one_pass_and_the_model_keeps_its_own():
+    net = _small_ntsnet()
+    arrays = [np.random.default_rng(i).integers(0, 255, (50, 60, 3), dtype=np.uint8) for i in range(5)]
+    labels = [0, 1, 2, 0, 1]
+    both = evaluate_answers(net, arrays, labels)
+    assert set(both) == {"scrutinizer", "all-heads"}
+    with torch.no_grad():
+        out = net(to_input_tensor(arrays, 64, net.mean, net.std), num_parts=2)
+    for answer, (acc, scores) in both.items():
+        conf, pred = answer_probabilities(out, answer).max(1)
+        assert acc == pytest.approx(float((pred == torch.tensor(labels)).float().mean()))
+        assert scores == pytest.approx(conf.tolist(), abs=1e-5)
+    assert evaluate_model(net, arrays, labels) == both["scrutinizer"]
+    assert evaluate_model(at_input_size(net, 64, "all-heads"), arrays, labels) == both["all-heads"]
 
 
 def test_the_active_model_never_switches_to_a_worse_one(tmp_path):
@@ -163,9 +225,11 @@ def test_two_products_five_photos_train_through_every_stage(tmp_path):
         # a trained stage answers at the test size it was measured at (the linear head at the training size)
         saved = Predictor.from_checkpoint(path, backend="torch")
         assert saved.config.input_size == r["input_size"] and saved.extra["train_input_size"] == 64
+        assert saved.config.answer == r["answer"]
         if r["test_sizes"]:
             assert r["input_size"] in candidate_sizes(64)
-            assert r["val_acc"] == pytest.approx(r["test_sizes"][r["input_size"]]["clean"], abs=1e-5)
+            key = str(r["input_size"]) + ("" if r["answer"] == "scrutinizer" else f" {r['answer']}")
+            assert r["val_acc"] == pytest.approx(r["test_sizes"][key]["clean"], abs=1e-5)
 
 
 def test_cancel_keeps_the_best_model_so_far_active(tmp_path):

@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ntsnet import NTSConfig, create_model, nts_loss, save_checkpoint
+from ntsnet import NTSConfig, answer_probabilities, create_model, nts_loss, save_checkpoint
+from ntsnet.config import ANSWERS
 from ntsnet.checkpoint import atomic_write
 from ntsnet.images import to_input_tensor
 from ntsnet.predictor import resolve_device
@@ -216,19 +217,33 @@ def ntsnet_from_classifier(classifier, config: NTSConfig):
 
 
 # ------------------------------------------------------------------------------------------ evaluation
+def answers_of(model) -> tuple[str, ...]:
+    """The answers a model can give (see answer_probabilities): a classifier has only its one head."""
+    return ANSWERS if model.config.model == "ntsnet" and model.config.cat_num else ("scrutinizer",)
+
+
 @torch.inference_mode()
-def evaluate_model(model, arrays, labels, batch: int = 16) -> tuple[float, list[float]]:
-    """Top-1 accuracy on the validation photos and each photo's max softmax (for the unknown threshold)."""
+def evaluate_answers(model, arrays, labels, batch: int = 16) -> dict[str, tuple[float, list[float]]]:
+    """For every answer the model can give, from one forward pass per batch: top-1 accuracy on the validation
+    photos and each photo's max probability (for the unknown threshold)."""
     model.eval()
-    size = model.config.input_size
-    correct, scores = 0, []
+    size, answers = model.config.input_size, answers_of(model)
+    correct, scores = dict.fromkeys(answers, 0), {a: [] for a in answers}
     for start in range(0, len(arrays), batch):
         x = to_input_tensor(arrays[start:start + batch], size, model.mean, model.std).contiguous(memory_format=torch.channels_last)
-        probs = model(x, num_parts=model.config.cat_num if model.config.model == "ntsnet" else None).concat_logits.float().softmax(1)
-        conf, pred = probs.max(1)
-        correct += int((pred == torch.as_tensor(labels[start:start + batch])).sum())
-        scores += conf.tolist()
-    return (correct / len(labels) if labels else float("nan")), scores
+        out = model(x, num_parts=model.config.cat_num if model.config.model == "ntsnet" else None)
+        y = torch.as_tensor(labels[start:start + batch])
+        for a in answers:
+            conf, pred = answer_probabilities(out, a).max(1)
+            correct[a] += int((pred == y).sum())
+            scores[a] += conf.tolist()
+    return {a: ((correct[a] / len(labels)) if labels else float("nan"), scores[a]) for a in answers}
+
+
+def evaluate_model(model, arrays, labels, batch: int = 16) -> tuple[float, list[float]]:
+    """Top-1 accuracy of the model's own answer and each photo's max probability."""
+    answers = evaluate_answers(model, arrays, labels, batch)
+    return answers.get(model.config.answer, answers["scrutinizer"])
 
 
 def candidate_sizes(train_size: int) -> list[int]:
@@ -239,40 +254,45 @@ def candidate_sizes(train_size: int) -> list[int]:
     return sorted({train_size, *(max(32, round(train_size * f / 32) * 32) for f in (8 / 7, 9 / 7))})
 
 
-def at_input_size(model, size: int):
+def at_input_size(model, size: int, answer: str | None = None):
     """The same weights answering at another input size (for NTS-Net the parts scale with it; its anchors are
-    rebuilt for the new size, they are not weights)."""
+    rebuilt for the new size, they are not weights), and with another ``answer`` if given."""
     cfg = model.config
-    if size == cfg.input_size:
+    answer = answer or cfg.answer
+    if size == cfg.input_size and answer == cfg.answer:
         return model
     part = max(32, round(size * cfg.part_size / cfg.input_size))
-    resized = create_model(NTSConfig.from_dict({**cfg.to_dict(), "input_size": size, "part_size": part}), pretrained=False)
+    resized = create_model(NTSConfig.from_dict({**cfg.to_dict(), "input_size": size, "part_size": part, "answer": answer}),
+                           pretrained=False)
     resized.load_state_dict(model.state_dict())
     return resized.to(memory_format=torch.channels_last).eval()
 
 
 def choose_test_size(model, arrays, labels, log=print, evaluate=None) -> tuple[torch.nn.Module, float, list[float], dict]:
-    """The input size (of ``candidate_sizes``) at which the model recognises the validation photos best, clean and in
-    the store conditions of the evaluation (dark, blurry, low-res; their mean accuracy decides, ties go to the
-    smaller, faster size). Returns the model at that size, its clean accuracy and scores, and every size's figures."""
+    """The input size (of ``candidate_sizes``) and, for NTS-Net, the answer (the Scrutinizer alone or all heads) at
+    which the model recognises the validation photos best, clean and in the store conditions of the evaluation
+    (dark, blurry, low-res; their mean accuracy decides, ties go to the smaller, faster size and to the paper's
+    Scrutinizer). ``evaluate(model, arrays, labels)`` -> {answer: (accuracy, scores)}, one pass for all answers.
+    Returns the model at that size and answer, its clean accuracy and scores, and every candidate's figures."""
     from .evaluate import CONDITIONS, apply_condition
 
-    evaluate = evaluate or evaluate_model
+    evaluate = evaluate or evaluate_answers
     conditioned = {c: [apply_condition(a, c) for a in arrays] for c in CONDITIONS}
     table, best = {}, None
     for size in candidate_sizes(model.config.input_size):
         candidate = at_input_size(model, size)
-        accs, scores = {}, None
-        for cond in CONDITIONS:
-            accs[cond], s = evaluate(candidate, conditioned[cond], labels)
-            scores = s if cond == "clean" else scores
-        mean = float(np.mean(list(accs.values())))
-        table[size] = {**{c: round(a, 5) for c, a in accs.items()}, "mean": round(mean, 5)}
-        if best is None or mean > best[4] + 1e-9:
-            best = (size, candidate, accs["clean"], scores, mean)
-    log("test sizes: " + ", ".join(f"{s} px {r['clean']:.1%} clean, {r['mean']:.1%} mean of conditions" for s, r in table.items())
-        + f" -> {best[0]} px")
-    return best[1], best[2], best[3], table
+        results = {cond: evaluate(candidate, conditioned[cond], labels) for cond in CONDITIONS}
+        for answer in answers_of(model):
+            accs = {cond: results[cond][answer][0] for cond in CONDITIONS}
+            mean = float(np.mean(list(accs.values())))
+            key = str(size) if answer == "scrutinizer" else f"{size} {answer}"
+            table[key] = {**{c: round(a, 5) for c, a in accs.items()}, "mean": round(mean, 5)}
+            if best is None or mean > best[4] + 1e-9:
+                best = (key, (size, answer), accs["clean"], results["clean"][answer][1], mean)
+    label = lambda key: key.replace(" ", " px, ", 1) if " " in key else key + " px"  # noqa: E731  "256 px, all-heads"
+    log("test sizes: " + "; ".join(f"{label(k)} {r['clean']:.1%} clean, {r['mean']:.1%} mean of conditions" for k, r in table.items())
+        + f" -> {label(best[0])}")
+    return at_input_size(model, *best[1]), best[2], best[3], table
 
 
 def accuracy_by_name(predictor, arrays, labels, class_names) -> float:
@@ -538,7 +558,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         else:
             switched, verdict = False, f"kept {bar_name} ({gate_acc:.1%} < {bar:.1%})"
         state["results"].append({"stage": stage, "val_acc": acc, "active": switched, "verdict": verdict, "checkpoint": str(path),
-                                 "input_size": model.config.input_size, "test_sizes": sizes,
+                                 "input_size": model.config.input_size, "answer": model.config.answer, "test_sizes": sizes,
                                  **({"gate": {"acc": gate_acc, "photos": gate[2]}} if gate else {}),
                                  "minutes": round((time.perf_counter() - t_job) / 60, 2)})
         log(f"stage {stage}: validation accuracy {acc:.1%}: {verdict}")
@@ -564,7 +584,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
             switched, verdict = promote(path, acc, win_acc, test_n=len(test_labels), stage="refit", measured_on="test")
         state["results"].append({"stage": "refit", "refit_of": of, "val_acc": None, "test_acc": acc, "test_n": len(test_labels),
                                  "compared_with": {"stage": of, "test_acc": win_acc}, "active": switched, "verdict": verdict,
-                                 "checkpoint": str(path), "input_size": model.config.input_size,
+                                 "checkpoint": str(path), "input_size": model.config.input_size, "answer": model.config.answer,
                                  "minutes": round((time.perf_counter() - t_job) / 60, 2)})
         log(f"refit of {of}: {acc:.1%} on the test photos ({of}: {win_acc:.1%}): {verdict}")
         progress()
@@ -674,7 +694,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
                                  None, log, head_lr_mult=head_lr_mult)
         record(rows)
         if main and not stop:
-            finish_refit(at_input_size(model.cpu(), winner["model"].config.input_size), stage)
+            finish_refit(at_input_size(model.cpu(), winner["model"].config.input_size, winner["model"].config.answer), stage)
 
     final = "cancelled" if distributed.agree(bool(stop), device) else "finished"
     distributed.finish()

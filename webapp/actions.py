@@ -447,6 +447,8 @@ class Studio:
             for r in p.get("results", []):
                 mark = "became the active model" if r["active"] else "not better: the previous model kept answering"
                 size = f" at {r['input_size']} px" if r.get("input_size") else ""
+                if r.get("answer") == "all-heads":
+                    size += ", all heads answering"
                 if r["stage"] == "refit":  # trained on the validation photos too: only the test photos can tell
                     other = r["compared_with"]
                     lines.append(f"refit of {r['refit_of']} on training + validation photos: {r['test_acc']:.1%} on {r['test_n']} test "
