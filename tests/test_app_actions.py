@@ -280,7 +280,9 @@ def test_the_train_tab_shows_a_refit_against_the_stage_it_refitted_on_the_test_p
         "results": [
             {"stage": "finetune", "val_acc": 0.9, "active": True, "input_size": 256},
             {"stage": "refit", "refit_of": "finetune", "val_acc": None, "test_acc": 0.95, "test_n": 20,
-             "compared_with": {"stage": "finetune", "test_acc": 0.85}, "active": True, "input_size": 256}]}}
+             "compared_with": {"stage": "finetune", "test_acc": 0.85}, "active": True, "input_size": 256},
+            {"stage": "ntsnet", "val_acc": 0.96, "active": True, "input_size": 256, "answer": "all-heads"}]}}
     text = Studio.describe_run(run)
     assert "finetune: 90.0% at 256 px — became the active model" in text
     assert "refit of finetune on training + validation photos: 95.0% on 20 test photos (finetune: 85.0%) at 256 px" in text
+    assert "ntsnet: 96.0% at 256 px, all heads answering — became the active model" in text

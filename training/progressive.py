@@ -289,7 +289,7 @@ def choose_test_size(model, arrays, labels, log=print, evaluate=None) -> tuple[t
             table[key] = {**{c: round(a, 5) for c, a in accs.items()}, "mean": round(mean, 5)}
             if best is None or mean > best[4] + 1e-9:
                 best = (key, (size, answer), accs["clean"], results["clean"][answer][1], mean)
-    label = lambda key: key.replace(" ", " px, ", 1) if " " in key else key + " px"  # noqa: E731  "256 px, all-heads"
+    label = lambda key: key.replace(" ", " px, ", 1) if " " in key else key + " px"  # noqa: E731  "256 all-heads" -> "256 px, all-heads"
     log("test sizes: " + "; ".join(f"{label(k)} {r['clean']:.1%} clean, {r['mean']:.1%} mean of conditions" for k, r in table.items())
         + f" -> {label(best[0])}")
     return at_input_size(model, *best[1]), best[2], best[3], table
