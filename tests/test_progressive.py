@@ -14,7 +14,7 @@ from training import active, jobs
 from training.openset import threshold_record as unknown_threshold
 from training.evaluate import CONDITIONS
 from training.progressive import (ProgressiveConfig, at_input_size, choose_test_size, evaluate_answers, evaluate_model, imprinted_head,
-                                  ntsnet_from_classifier, prototype_predictions, candidate_sizes, train_progressive)
+                                  ntsnet_from_classifier, prototype_accuracy, prototype_predictions, candidate_sizes, train_progressive)
 
 
 def small_catalogue(root, n_per_class=5, classes=2, seed=0):
@@ -45,6 +45,19 @@ def test_imprinted_head_answers_exactly_as_the_prototypes_do():
     assert torch.equal(head(queries).argmax(1), protos)
     acc = (protos == queries_y).float().mean()
     assert 0.3 < acc < 1.0  # a real test: some answers are wrong, and the head gets the same ones wrong
+
+
+def test_a_stage_that_ties_the_instant_model_passes_the_gate():
+    """18 of 26 right for both: the instant model's figure must equal the stage's (evaluate_answers: correct / n).
+    A float32 mean rounds 18/26 up, the tie that goes to the newer model was lost, and the first model waited minutes."""
+    feats = torch.eye(2).repeat(13, 1)  # 26 photos of 2 products; the prototypes are the two axes
+    labels = torch.tensor([0, 1] * 13)
+    seen_as = labels.clone()
+    seen_as[:8] = 1 - seen_as[:8]  # 8 of 26 look like the other product
+    instant = prototype_accuracy(feats, labels, torch.eye(2)[seen_as], labels.tolist(), 2)
+    assert instant == 18 / 26
+    assert 18 / 26 >= instant  # the gate's comparison for a stage with 18 of 26 right
+    assert np.isnan(prototype_accuracy(feats, labels, feats[:0], [], 2))
 
 
 @pytest.mark.parametrize("size", [64, 96])

@@ -73,7 +73,7 @@ class ProgressiveConfig:
     head_lr_mult: float = 10.0
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
-    finetune_share: float = 0.55       # of the time left after stage 1; NTS-Net gets the rest
+    finetune_share: float = 0.45       # of the time left after stage 1; NTS-Net gets the rest (stage 2 plateaus: 27 epochs gained 0.7 points over 14)
     freeze_stride: int | None = None   # stages 2-3 keep the layers up to this stride frozen; 0: train all; None: 8 on a CPU, 0 on a GPU
     device: str = "auto"
     precision: str = "auto"
@@ -184,6 +184,15 @@ def prototype_predictions(train_feats, train_labels, feats, num_classes) -> torc
     protos = torch.stack([F.normalize(unit[train_labels == c].mean(0), dim=0) if (train_labels == c).any()
                           else torch.zeros(unit.shape[1]) for c in range(num_classes)])
     return (F.normalize(feats, dim=1) @ protos.T).argmax(1)
+
+
+def prototype_accuracy(train_feats, train_labels, feats, labels, num_classes) -> float:
+    """The instant model's top-1 accuracy as correct / n, the same exact fraction ``evaluate_answers`` gives a
+    stage: a float32 mean rounds 18/26 up, and a stage that ties the instant model would lose the gate."""
+    if not len(labels):
+        return float("nan")
+    hits = prototype_predictions(train_feats, train_labels, feats, num_classes) == torch.as_tensor(labels)
+    return int(hits.sum()) / len(labels)
 
 
 def fit_head(head: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor, steps: int = 300, lr: float = 0.01,
@@ -493,7 +502,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         t0 = time.perf_counter()
         clean_train = pooled_features(backbone, train_arrays, size, engine)
         val_feats = pooled_features(backbone, val_arrays, size, engine)
-        instant_acc = float((prototype_predictions(clean_train, y_train, val_feats, n_cls) == y_val).float().mean()) if val_labels else float("nan")
+        instant_acc = prototype_accuracy(clean_train, y_train, val_feats, y_val, n_cls)
         bar, bar_name = instant_acc, "instant model"
         current = active.read(cfg.db)
         if current and not str(current["checkpoint"]).startswith("hf://") and Path(current["checkpoint"]).exists():
@@ -511,7 +520,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
                         prev_acc = -1.0
                     else:
                         feats = pooled_features(backbone, gate[0], size, engine)
-                        bar = float((prototype_predictions(clean_train, y_train, feats, n_cls) == torch.as_tensor(gate[1])).float().mean())
+                        bar = prototype_accuracy(clean_train, y_train, feats, gate[1], n_cls)
                         prev_acc = accuracy_by_name(prev, gate[0], gate[1], names)
                         log(f"comparing on {gate[2]}: instant model {bar:.1%}, active model {prev_acc:.1%}")
                 else:
