@@ -225,3 +225,23 @@ def test_status_reads_only_the_end_of_a_long_log(tmp_path):
     (run / "train.log").write_text("x" * 5_000_000 + "\nlast line\n")
     tail = jobs.status(run)["log_tail"]
     assert tail.endswith("last line\n") and len(tail) <= 3000
+
+
+def test_store_augment_without_degrading_keeps_photos_lit_sharp_and_large():
+    """Stage 1's views (frozen features): framing and light only; stages 2-3 also get darkness, blur and tiny images."""
+    from PIL import Image
+
+    from training.data import store_augment
+
+    yy, xx = np.mgrid[0:400, 0:400]
+    photo = Image.fromarray(np.stack([((xx // 8 + yy // 8) % 2 * 200 + 30).astype(np.uint8)] * 3, axis=-1))
+    base = np.asarray(photo, dtype=np.float32).mean()
+
+    def views(degrade):
+        return [store_augment(photo, np.random.default_rng(seed), degrade=degrade) for seed in range(60)]
+
+    mild, full = views(False), views(True)
+    assert min(min(v.size) for v in mild) > 150  # never a tiny image
+    assert min(np.asarray(v, dtype=np.float32).mean() for v in mild) > 0.3 * base  # never a dark shelf
+    assert min(min(v.size) for v in full) <= 110  # the full augmentation does both
+    assert min(np.asarray(v, dtype=np.float32).mean() for v in full) < 0.3 * base

@@ -614,7 +614,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
                 break
             progress(stage="linear", step=v, steps=cfg.views, stage_seconds_left=round(per_view * (cfg.views - v)))
             rng = np.random.default_rng([cfg.seed, 99, v])
-            aug = [np.array(store_augment(Image.fromarray(a), rng)) for a in train_arrays]
+            aug = [np.array(store_augment(Image.fromarray(a), rng, degrade=False)) for a in train_arrays]
             feats.append(pooled_features(backbone, aug, size, engine))
             labs.append(y_train)
             views += 1
