@@ -18,7 +18,7 @@ from torch import nn
 
 from .anchors import DEFAULT_LEVELS, anchor_count, generate_anchors, select_proposals, suppression_table
 from .backbones import create_backbone
-from .config import NTSConfig
+from .config import ANSWERS, NTSConfig
 from .crops import crop_boxes
 
 
@@ -57,11 +57,11 @@ def answer_probabilities(out: NTSOutput, answer: str = "scrutinizer") -> torch.T
     """(B, C) class probabilities of one forward pass. "all-heads" averages the Scrutinizer's, the whole-image
     head's and the Teacher's (its logits averaged over the parts) probabilities: three views of one photo that the
     network computes anyway, so the ensemble costs nothing; a model without parts has one head to ask."""
+    if answer not in ANSWERS:  # before the shortcut below, so a wrong name fails on every model alike
+        raise ValueError(f"unknown answer {answer!r}: one of {', '.join(ANSWERS)}")
     probs = out.concat_logits.float().softmax(1)
     if answer == "scrutinizer" or out.part_logits.shape[1] == 0:
         return probs
-    if answer != "all-heads":
-        raise ValueError(f"unknown answer {answer!r}")
     return (probs + out.raw_logits.float().softmax(1) + out.part_logits.float().mean(1).softmax(1)) / 3
 
 

@@ -150,6 +150,8 @@ def test_all_heads_answer_averages_the_scrutinizer_whole_image_and_teacher_proba
     assert torch.equal(answer_probabilities(plain, "all-heads"), soft(plain.concat_logits))  # one head: nothing to average
     with pytest.raises(ValueError, match="answer must be one of"):
         NTSConfig(answer="vote")
+    with pytest.raises(ValueError, match="unknown answer 'vote'"):
+        answer_probabilities(plain, "vote")  # even where there is one head to ask
 
 
 def test_the_job_answers_with_all_heads_only_where_that_measures_better():
