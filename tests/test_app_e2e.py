@@ -138,8 +138,9 @@ def test_capture_train_and_recognise_live(server, tmp_path):
         page.get_by_role("option", name="tiny").click()
         page.get_by_label("Time budget").fill("0.75")
         page.get_by_role("button", name="Train", exact=True).click()
-        # no "Make active" click: each stage that is at least as good answers at once, the header says which
-        page.get_by_text("/ linear").first.wait_for(timeout=120_000)
+        # no "Make active" click: each stage that is at least as good answers at once, the header says which. Which stage
+        # answers first is the gate's call: the tiny random backbone's linear head sometimes scores below the instant model.
+        page.get_by_text(re.compile(r"/ (linear|finetune|ntsnet)")).first.wait_for(timeout=120_000)
         page.get_by_text("— finished").wait_for(timeout=240_000)
         page.wait_for_timeout(2500)  # one more timer tick draws the final curves and the header
         shot(page, "train")
