@@ -240,7 +240,13 @@ def test_store_augment_without_degrading_keeps_photos_lit_sharp_and_large():
     def views(degrade):
         return [store_augment(photo, np.random.default_rng(seed), degrade=degrade) for seed in range(60)]
 
+    def edge(v):  # the steepest step between neighbours over the view's range: 1 for the checkerboard's hard edges
+        a = np.asarray(v.convert("L"), dtype=np.float32)
+        return np.abs(np.diff(a, axis=1)).max() / max(a.max() - a.min(), 1.0)
+
     mild, full = views(False), views(True)
+    assert min(edge(v) for v in mild) > 0.9  # never blurred
+    assert min(edge(v) for v in full) < 0.6
     assert min(min(v.size) for v in mild) > 150  # never a tiny image
     assert min(np.asarray(v, dtype=np.float32).mean() for v in mild) > 0.3 * base  # never a dark shelf
     assert min(min(v.size) for v in full) <= 110  # the full augmentation does both
