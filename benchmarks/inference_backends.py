@@ -1,6 +1,6 @@
 """Eager PyTorch vs the compiled OpenVINO backend: latency, agreement on real photos, evaluation time.
 
-    python benchmarks/inference_backends.py [--photos 296] [--eval-photos 75] [--runs 15] [--rounds 5]
+    python benchmarks/inference_backends.py [--photos 296] [--eval-photos 75] [--runs 15] [--rounds 5] [--checkpoint RUN/best.safetensors]
 
 NTS-Net on Lite0 (ImageNet weights, seeded heads, 81 products), 448/224 px, K=4, one 640x480 frame at a time;
 the instant embedder (Lite0 at 224); agreement of the two backends on the grocery val photos (top-1 and the
@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--eval-photos", type=int, default=75)
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the frame breakdown")
+    ap.add_argument("--checkpoint", help="a trained NTS-Net instead of the seeded random heads (their near-uniform logits flip under any rounding)")
     args = ap.parse_args()
     from ntsnet import NTSConfig, NTSNet, Predictor, save_checkpoint
     from ntsnet.instant import Embedder
@@ -41,25 +42,37 @@ def main():
     tmp = Path(tempfile.mkdtemp())
     ckpt = tmp / "nts.safetensors"
     save_checkpoint(ckpt, model, [f"product {i}" for i in range(81)])
+    ckpt = Path(args.checkpoint) if args.checkpoint else ckpt
     frame = (np.random.default_rng(0).random((480, 640, 3)) * 255).astype(np.uint8)
+    from ntsnet.predictor import cpu_supports_fast_bf16
+
+    # OpenVINO in fp32 (forced), and in bf16 too where the CPU does bf16 in hardware ('auto' picks it there)
+    precisions = ["fp32", "bf16"] if cpu_supports_fast_bf16() else ["fp32"]
     t0 = time.perf_counter()
-    ov = Predictor.from_checkpoint(ckpt, backend="openvino", background=False)
+    compiled = {prec: Predictor.from_checkpoint(ckpt, backend="openvino", precision=prec, background=False) for prec in precisions}
     print(f"OpenVINO export built and compiled in {time.perf_counter() - t0:.1f} s (cached afterwards)")
     t0 = time.perf_counter()
     Predictor.from_checkpoint(ckpt, backend="openvino")
     print(f"loading the cached export: {time.perf_counter() - t0:.2f} s")
+    ov = compiled["fp32"]
     eager = Predictor.from_checkpoint(ckpt, backend="torch", precision="fp32")
     nchw = Predictor.from_checkpoint(ckpt, backend="torch", precision="fp32")
     nchw.net = nchw.net.to(memory_format=torch.contiguous_format)  # what the predictor ran before this change
     rows = []
-    for name, p in (("eager fp32 NCHW (before)", nchw), ("eager fp32 channels_last", eager), ("openvino", ov)):
+    runs = [("eager fp32 NCHW (before)", nchw), ("eager fp32 channels_last", eager)] + [(f"openvino {prec}", p) for prec, p in compiled.items()]
+    for name, p in runs:
         rows.append((name, median_ms(lambda: p.predict(frame), args.runs, warmup=3)))
-    e_eager, e_ov = Embedder(backend="torch"), Embedder(background=False)
+    e_eager = Embedder(backend="torch")
+    embedders = {prec: Embedder(background=False) for prec in precisions}
+    for prec, e in embedders.items():  # the embedder's compiled graph takes the CPU's own choice: set it per row
+        e.graphs = type(e.graphs)(e.graphs.out_dir, e.graphs.manifest, precision=prec)
     rows.append(("instant embedder, eager fp32 CL", median_ms(lambda: e_eager([frame]), args.runs * 2, warmup=3)))
-    rows.append(("instant embedder, openvino", median_ms(lambda: e_ov([frame]), args.runs * 2, warmup=3)))
+    for prec, e in embedders.items():
+        rows.append((f"instant embedder, openvino {prec}", median_ms(lambda: e([frame]), args.runs * 2, warmup=3)))
     print("\n| what (640x480 frame) | ms |\n|---|---|")
     for name, ms in rows:
-        print(f"| NTS-Net Lite0 448/224 K=4, {name} | {ms:.1f} |" if "embedder" not in name else f"| {name} | {ms:.1f} |")
+        c = eager.config
+        print(f"| NTS-Net {c.backbone} {c.input_size}/{c.part_size} K={c.cat_num}, {name} | {ms:.1f} |" if "embedder" not in name else f"| {name} | {ms:.1f} |")
     print_breakdown(ov, frame, args.runs, args.rounds)
 
     if DATA.exists():
@@ -67,16 +80,18 @@ def main():
 
         lines = [l for l in (DATA / "val.txt").read_text().splitlines() if l.strip()][: args.photos]
         photos = [np.array(Image.open(DATA / l.split(",")[0]).convert("RGB")) for l in lines]
-        same_top1 = same_boxes = 0
-        for start in range(0, len(photos), 16):
-            a, b = eager.predict_batch(photos[start:start + 16]), ov.predict_batch(photos[start:start + 16])
-            for x, y in zip(a, b):
-                same_top1 += x.label == y.label
-                same_boxes += [(q.x0, q.y0, q.x1, q.y1) for q in x.boxes] == [(q.x0, q.y0, q.x1, q.y1) for q in y.boxes]
-        n = len(photos)
-        print(f"\ngrocery val photos: top-1 agreement {same_top1}/{n} = {same_top1 / n:.1%}; identical K boxes {same_boxes}/{n} = {same_boxes / n:.1%}")
+        for prec, p in compiled.items():
+            same_top1 = same_boxes = 0
+            for start in range(0, len(photos), 16):
+                a, b = eager.predict_batch(photos[start:start + 16]), p.predict_batch(photos[start:start + 16])
+                for x, y in zip(a, b):
+                    same_top1 += x.label == y.label
+                    same_boxes += [(q.x0, q.y0, q.x1, q.y1) for q in x.boxes] == [(q.x0, q.y0, q.x1, q.y1) for q in y.boxes]
+            n = len(photos)
+            print(f"\ngrocery val photos, openvino {prec} vs eager fp32: top-1 agreement {same_top1}/{n} = {same_top1 / n:.1%}; "
+                  f"identical K boxes {same_boxes}/{n} = {same_boxes / n:.1%}")
         sub = photos[: args.eval_photos]
-        for name, p in (("eager fp32 NCHW (before)", nchw), ("openvino", ov)):
+        for name, p in [("eager fp32 NCHW (before)", nchw)] + [(f"openvino {prec}", p) for prec, p in compiled.items()]:
             t0 = time.perf_counter()
             for cond in CONDITIONS:
                 arrays = [apply_condition(a, cond) for a in sub]

@@ -70,7 +70,7 @@ def main():
     from train_click import cpu_line
 
     bf16 = cpu_supports_fast_bf16()
-    print(f"CPU: {cpu_line()}; bf16 in hardware: {bf16}")
+    print(f"CPU: {cpu_line()}; bf16 in hardware: {bf16}; training picks bf16 by itself: {cpu_supports_fast_bf16(training=True)}")
     print("| model | input | parts | fp32 NCHW img/s | fp32 channels_last img/s | speed-up |" + (" bf16+CL img/s |" if bf16 else ""))
     print("|---|---|---|---|---|---|" + ("---|" if bf16 else ""))
     rows = CONFIGS if args.configs == "all" else [CONFIGS[int(i)] for i in args.configs.split(",")]

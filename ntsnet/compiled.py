@@ -8,7 +8,7 @@ inference share one code path (``forward(x, engine=...)``).
 
 Why OpenVINO: on a 2-core AVX2 CPU in fp32 its Lite0 graphs ran 2.9x faster than eager PyTorch and 1.2-1.6x
 faster than ONNX Runtime (``python benchmarks/inference_backends.py``); it converts a PyTorch module directly
-(no ONNX step, no extra package), and picks bf16 by itself on CPUs with AMX.
+(no ONNX step, no extra package), and picks bf16 by itself on CPUs with AVX512-BF16 or AMX.
 
 The export is cached beside the checkpoint (``.NAME.openvino/``; in the user cache where that folder is not
 writable), keyed by the checkpoint's SHA-256 and the runtime's version. A manifest records the SHA-256 of every
@@ -169,7 +169,7 @@ class OpenVINOGraphs:
         threads = threads or int(os.environ.get("NTSNET_THREADS", "0")) or torch_threads()
         self.out_dir, self.manifest, self.threads, self.precision = Path(out_dir), manifest, int(threads), precision
         config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"}
-        if precision == "fp32":  # OpenVINO would pick bf16 on AMX CPUs by itself
+        if precision == "fp32":  # OpenVINO picks bf16 by itself on CPUs with AVX512-BF16 or AMX
             config["INFERENCE_PRECISION_HINT"] = "f32"
         self.sizes = {name: g["size"] for name, g in manifest["graphs"].items()}
         self._compiled = {name: core.compile_model(str(Path(out_dir) / f"{name}.xml"), "CPU", config) for name in self.sizes}

@@ -155,6 +155,9 @@ def test_bf16_is_chosen_only_where_the_cpu_does_bf16_in_hardware():
     assert not cpu_supports_fast_bf16("flags : fpu sse avx2 avx512f avx512bw avx512vl")  # emulated: slower than fp32
     assert cpu_supports_fast_bf16("flags : fpu avx512f avx512_bf16")
     assert cpu_supports_fast_bf16("flags : fpu amx_bf16 amx_tile")
+    # training: AMX only (a Zen 4's AVX512-BF16 trained slower in bf16 than in fp32)
+    assert not cpu_supports_fast_bf16("flags : fpu avx512f avx512_bf16", training=True)
+    assert cpu_supports_fast_bf16("flags : fpu avx512f avx512_bf16 amx_bf16 amx_tile", training=True)
 
 
 @pytest.mark.parametrize("backend", ["torch", "openvino"])

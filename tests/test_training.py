@@ -251,3 +251,14 @@ def test_store_augment_without_degrading_keeps_photos_lit_sharp_and_large():
     assert min(np.asarray(v, dtype=np.float32).mean() for v in mild) > 0.3 * base  # never a dark shelf
     assert min(min(v.size) for v in full) <= 110  # the full augmentation does both
     assert min(np.asarray(v, dtype=np.float32).mean() for v in full) < 0.3 * base
+
+
+@pytest.mark.parametrize("flags, chosen", [("avx512f avx512_bf16", "fp32"), ("avx512f avx512_bf16 amx_bf16 amx_tile", "bf16"), ("avx2", "fp32")])
+def test_training_takes_bf16_on_a_cpu_only_with_amx(monkeypatch, flags, chosen):
+    import training.train as train_module
+    from ntsnet.predictor import cpu_supports_fast_bf16
+
+    # AVX512-BF16 without AMX (a Zen 4): inference is faster in bf16 there, training slower, so training stays fp32
+    monkeypatch.setattr(train_module, "cpu_supports_fast_bf16", lambda training=False: cpu_supports_fast_bf16(f"flags : fpu {flags}", training))
+    assert train_module._choose_precision(torch.device("cpu"), "auto") == chosen
+    assert train_module._choose_precision(torch.device("cpu"), "bf16") == "bf16"  # asked for: given

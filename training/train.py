@@ -75,7 +75,7 @@ def _choose_precision(device: torch.device, requested: str) -> str:
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu" and cpu_supports_fast_bf16():
+    if device.type == "cpu" and cpu_supports_fast_bf16(training=True):
         return "bf16"
     return "fp32"
 
