@@ -364,6 +364,9 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint", default=None, help="model to activate: a .safetensors file, a run name, or hf://user/repo")
     ap.add_argument("--backend", default=os.environ.get("NTSNET_BACKEND", "auto"), choices=["auto", "torch", "openvino"],
                     help="inference runtime: auto = OpenVINO on a CPU (compiled in the background, cached), PyTorch on a GPU")
+    ap.add_argument("--precision", default=os.environ.get("NTSNET_PRECISION", "auto"), choices=["auto", "fp32", "bf16"],
+                    help="trained models' inference precision: auto = bf16 where the hardware has it (on a CPU the "
+                         "Navigator's boxes stay fp32), fp32 = measure a bf16 machine as an ordinary one")
     ap.add_argument("--live-threads", type=int, default=None,
                     help="threads for the live model (default: all cores, less one when the browser runs on this machine)")
     ap.add_argument("--live-fps", type=float, default=LIVE_FPS, help="live frames the page sends per second at most")
@@ -429,7 +432,7 @@ def main(argv=None):
     if args.auth and len(auth) != 2:
         raise SystemExit("--auth must look like user:password")
     studio = Studio(args.db, checkpoint=args.checkpoint, backend=args.backend, allow_capture=not args.no_capture,
-                    allow_training=not args.no_training, live_threads=live_threads(args))
+                    allow_training=not args.no_training, live_threads=live_threads(args), precision=args.precision)
     demo = build_app(studio, allow_capture=not args.no_capture, allow_training=not args.no_training, live_fps=args.live_fps)
     # nothing of the catalogue is served as a file: galleries get thumbnails through Gradio's own cache
     demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, auth=auth, share=args.share,

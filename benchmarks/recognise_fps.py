@@ -51,6 +51,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--windows", type=int, default=5)
     ap.add_argument("--live-fps", type=float, help="the app's --live-fps: how often the page sends a frame (default: the app's)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="the app's --precision (fp32: a bf16 CPU measured as one without bf16 hardware)")
     ap.add_argument("--live-threads", type=int, help="the app's --live-threads (default: the app's rule)")
     ap.add_argument("--camera-fps", type=int, default=30, help="the fake webcam's frame rate (a real webcam: 30)")
     args = ap.parse_args()
@@ -58,6 +60,10 @@ def main():
 
     from test_app_e2e import browser_with_camera, free_port, start_camera, write_y4m
 
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_click import cpu_line
+
+    print(f"CPU: {cpu_line()}; app --precision {args.precision}", flush=True)
     tmp = Path(tempfile.mkdtemp())
     ckpt = args.checkpoint
     if not ckpt:
@@ -69,7 +75,8 @@ def main():
     video = tmp / "cam.y4m"
     write_y4m(video, "red-box", w=640, h=480, frames=2 * args.camera_fps, fps=args.camera_fps)
     port = free_port()
-    app = subprocess.Popen([sys.executable, "app.py", "--db", str(tmp / "cat"), "--port", str(port), "--checkpoint", ckpt]
+    app = subprocess.Popen([sys.executable, "app.py", "--db", str(tmp / "cat"), "--port", str(port), "--checkpoint", ckpt,
+                            "--precision", args.precision]
                            + (["--live-threads", str(args.live_threads)] if args.live_threads else [])
                            + (["--live-fps", str(args.live_fps)] if args.live_fps else []),
                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

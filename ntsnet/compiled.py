@@ -162,17 +162,21 @@ def check_export(out_dir: Path, key: str) -> dict | None:
 class OpenVINOGraphs:
     """Compiled graphs from an export folder; ``run(name, x)`` takes and returns float32 arrays or tensors."""
 
-    def __init__(self, out_dir: Path, manifest: dict, threads: int | None = None, precision: str = "auto"):
+    def __init__(self, out_dir: Path, manifest: dict, threads: int | None = None, precision: str | dict = "auto"):
+        """``precision``: 'auto' (the CPU's choice), 'fp32' or 'bf16', or a dict of those per graph name."""
         import openvino as ov
 
         core = ov.Core()
         threads = threads or int(os.environ.get("NTSNET_THREADS", "0")) or torch_threads()
         self.out_dir, self.manifest, self.threads, self.precision = Path(out_dir), manifest, int(threads), precision
-        config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"}
-        if precision == "fp32":  # OpenVINO picks bf16 by itself on CPUs with AVX512-BF16 or AMX
-            config["INFERENCE_PRECISION_HINT"] = "f32"
         self.sizes = {name: g["size"] for name, g in manifest["graphs"].items()}
-        self._compiled = {name: core.compile_model(str(Path(out_dir) / f"{name}.xml"), "CPU", config) for name in self.sizes}
+        self._compiled = {}
+        for name in self.sizes:
+            config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"}
+            # OpenVINO picks bf16 by itself on CPUs with AVX512-BF16 or AMX: fp32 must be asked for
+            if (precision.get(name, "auto") if isinstance(precision, dict) else precision) == "fp32":
+                config["INFERENCE_PRECISION_HINT"] = "f32"
+            self._compiled[name] = core.compile_model(str(Path(out_dir) / f"{name}.xml"), "CPU", config)
         self._local = threading.local()  # an infer request is not thread-safe: one per thread
 
     def run(self, name: str, *inputs) -> list[torch.Tensor]:
@@ -246,7 +250,17 @@ def load_or_build(model: nn.Module, checkpoint: Path | None, key: str, precision
     # tracing works on a copy: it must not race a forward pass on the live model
     manifest = _cached_export(out_dir, key, lambda: model_graphs(copy.deepcopy(model).eval()), build=build,
                               info={"model": model.config.to_dict()})
-    return None if manifest is None else CompiledNTS(OpenVINOGraphs(out_dir, manifest, precision=precision))
+    return None if manifest is None else CompiledNTS(OpenVINOGraphs(out_dir, manifest, precision=graph_precisions(precision)))
+
+
+def graph_precisions(precision: str) -> dict[str, str]:
+    """'auto' keeps the ``whole`` graph in fp32 and lets the CPU choose for ``parts``. The Navigator ranks ~1,600
+    anchor scores, many nearly tied: bf16's rounding there picked other boxes than fp32 on 20% of the grocery val
+    photos (a trained model on a Zen 4; top-1 still agreed on 99%), while the part features tolerate bf16. The
+    parts graph is about half of a frame's work, so most of bf16's speed stays (benchmarks/inference_backends.py)."""
+    if precision == "auto":
+        return {"whole": "fp32", "parts": "auto"}
+    return {"whole": precision, "parts": precision}
 
 
 def embedder_graphs(backbone: nn.Module, size: int, key: str, precision: str = "auto") -> OpenVINOGraphs:

@@ -85,6 +85,22 @@ def cpu_supports_fast_bf16(cpuinfo: str | None = None, training: bool = False) -
         return False
 
 
+class _Bf16Parts:
+    """Eager twin of ``compiled.graph_precisions('auto')`` on a CPU with bf16 hardware: the whole-image pass, whose
+    anchor scores the Navigator ranks, in fp32 (bf16 reordered its near ties: other boxes on 20% of the grocery
+    photos), the part pass in bf16."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def whole_and_scores(self, x):
+        return self.net.whole_and_scores(x)
+
+    def part_features(self, crops):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.net.part_features(crops)
+
+
 class Predictor:
     """``backend``: 'auto' (OpenVINO on a CPU where it is installed, else PyTorch), 'torch' or 'openvino'.
     The compiled export is built in a background thread when it is not cached yet (``background=False`` waits
@@ -99,6 +115,8 @@ class Predictor:
         if precision not in ("fp32", "bf16"):
             raise ValueError("precision must be 'auto', 'fp32' or 'bf16'")
         self.precision = precision
+        # 'auto' on a bf16 CPU: only the part pass in bf16, as the compiled engine does (see _Bf16Parts)
+        self.eager_engine = None
         if self.device.type == "cpu":
             keep_freed_memory()
         self.model = model.eval().to(self.device)  # as trained: what save_checkpoint writes
@@ -108,6 +126,8 @@ class Predictor:
             # oneDNN's convolutions are faster in NHWC, in fp32 too (1.2x for Lite0 on AVX2; benchmarks/inference_backends.py)
             self.net = self.net.to(memory_format=torch.channels_last)
         self.config = model.config
+        if requested_precision == "auto" and precision == "bf16" and self.device.type == "cpu" and hasattr(self.net, "part_features"):
+            self.eager_engine = _Bf16Parts(self.net)
         self.class_names = list(class_names)
         self.extra: dict = {}
         self.unknown_threshold: float | None = None  # max-softmax below this -> "unknown" (calibrated on val)
@@ -155,7 +175,7 @@ class Predictor:
         """What answers right now, for people: 'openvino', 'torch fp32 (openvino building)', 'torch bf16' ..."""
         if self.engine is not None:
             return self.engine.name
-        name = f"torch {self.precision}"
+        name = f"torch {self.precision}" + (" (parts)" if self.eager_engine is not None else "")
         if self._build_thread is not None and self._build_thread.is_alive():
             return name + " (openvino building)"
         return name
@@ -184,7 +204,7 @@ class Predictor:
         return cls.from_checkpoint(path, device=device, precision=precision, backend=backend, export_beside=False)
 
     def _autocast(self):
-        if self.precision == "bf16":
+        if self.precision == "bf16" and self.eager_engine is None:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -217,7 +237,7 @@ class Predictor:
             if self.device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
             with self._autocast():
-                out = self.net(x, num_parts=self.config.cat_num, reuse=reuse)
+                out = self.net(x, num_parts=self.config.cat_num, engine=self.eager_engine, reuse=reuse)
         if memory is not None and out.part_features is not None:
             reused = reuse is not None and out.part_features is reuse[1]
             memory.update(parts=(out.part_index, out.part_features), engine=engine, size=arrays[0].shape,

@@ -42,6 +42,28 @@ def test_bf16_fast_path_agrees_with_fp32_on_top1(tiny_checkpoint):
     assert max(abs(x.confidence - y.confidence) for x, y in zip(a, b)) < 0.1
 
 
+def test_auto_on_a_bf16_cpu_keeps_the_navigators_pass_in_fp32_in_eager_pytorch_too(tiny_checkpoint, monkeypatch):
+    """The eager twin of the compiled rule: same boxes as fp32, part features in bf16; 'bf16' forces both passes."""
+    import ntsnet.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "cpu_supports_fast_bf16", lambda *a, **k: True)
+    fp32 = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", precision="fp32", backend="torch")
+    auto = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", backend="torch")
+    forced = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", precision="bf16", backend="torch")
+    assert auto.backend_name == "torch bf16 (parts)" and forced.backend_name == "torch bf16"
+    rng = np.random.default_rng(12)
+    images = [draw_product(rng, n) for n in fp32.class_names for _ in range(4)]
+    for a, b in zip(fp32.predict_batch(images), auto.predict_batch(images)):
+        assert [(q.x0, q.y0, q.x1, q.y1, q.score) for q in a.boxes] == [(q.x0, q.y0, q.x1, q.y1, q.score) for q in b.boxes]
+    x = torch.randn(2, 3, auto.config.input_size, auto.config.input_size)
+    with torch.inference_mode():
+        ref = fp32.net(x, num_parts=auto.config.cat_num)
+        mixed = auto.net(x, num_parts=auto.config.cat_num, engine=auto.eager_engine)
+    assert torch.equal(ref.part_boxes, mixed.part_boxes)
+    diff = (ref.part_features - mixed.part_features).abs().max().item()
+    assert 0 < diff < 0.05 * ref.part_features.abs().max().item()  # rounded to bf16, not another computation
+
+
 @pytest.mark.parametrize("shape", [(17, 300), (300, 17), (5, 5), (1, 1), (480, 640)])
 def test_boxes_are_inside_the_original_image(tiny_checkpoint, shape):
     pred = Predictor.from_checkpoint(tiny_checkpoint)

@@ -166,12 +166,12 @@ class LiveWorker:
 
 class Studio:
     def __init__(self, db, checkpoint: str | None = None, backend: str = "auto", allow_capture: bool = True,
-                 allow_training: bool = True, live_threads: int | None = None):
+                 allow_training: bool = True, live_threads: int | None = None, precision: str = "auto"):
         """``allow_capture`` / ``allow_training`` False: every action that writes the catalogue, reads its photos,
         or trains refuses on the server, whatever the page shows (a recognise-only demo). ``live_threads``: threads
         of the compiled model for the live stream (None: all cores; app.py leaves one to a browser on this machine)."""
         self.db = Path(db)
-        self.backend = backend
+        self.backend, self.precision = backend, precision
         self.live_threads = live_threads
         self.allow_capture, self.allow_training = allow_capture, allow_training
         self._thumbs: dict[str, np.ndarray] = {}
@@ -502,9 +502,9 @@ class Studio:
 
         try:
             if str(checkpoint).startswith("hf://"):
-                predictor = Predictor.from_pretrained(str(checkpoint)[5:], backend=self.backend)
+                predictor = Predictor.from_pretrained(str(checkpoint)[5:], backend=self.backend, precision=self.precision)
             else:
-                predictor = Predictor.from_checkpoint(checkpoint, backend=self.backend)
+                predictor = Predictor.from_checkpoint(checkpoint, backend=self.backend, precision=self.precision)
         except (CheckpointError, OSError, ValueError) as exc:
             raise StudioError(f"Cannot load model {checkpoint}: {exc}") from None
         predictor.live_threads = self.live_threads
