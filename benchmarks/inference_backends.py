@@ -50,17 +50,17 @@ def main():
     # graph in fp32, the parts in bf16: compiled.graph_precisions) and bf16 for both graphs
     precisions = ["fp32", "auto", "bf16"] if cpu_supports_fast_bf16() else ["fp32"]
     t0 = time.perf_counter()
-    compiled = {prec: Predictor.from_checkpoint(ckpt, backend="openvino", precision=prec, background=False) for prec in precisions}
+    openvino = {prec: Predictor.from_checkpoint(ckpt, backend="openvino", precision=prec, background=False) for prec in precisions}
     print(f"OpenVINO export built and compiled in {time.perf_counter() - t0:.1f} s (cached afterwards)")
     t0 = time.perf_counter()
     Predictor.from_checkpoint(ckpt, backend="openvino")
     print(f"loading the cached export: {time.perf_counter() - t0:.2f} s")
-    ov = compiled["fp32"]
+    ov = openvino["fp32"]
     eager = Predictor.from_checkpoint(ckpt, backend="torch", precision="fp32")
     nchw = Predictor.from_checkpoint(ckpt, backend="torch", precision="fp32")
     nchw.net = nchw.net.to(memory_format=torch.contiguous_format)  # what the predictor ran before this change
     rows = []
-    runs = [("eager fp32 NCHW (before)", nchw), ("eager fp32 channels_last", eager)] + [(f"openvino {prec}", p) for prec, p in compiled.items()]
+    runs = [("eager fp32 NCHW (before)", nchw), ("eager fp32 channels_last", eager)] + [(f"openvino {prec}", p) for prec, p in openvino.items()]
     for name, p in runs:
         rows.append((name, median_ms(lambda: p.predict(frame), args.runs, warmup=3)))
     e_eager = Embedder(backend="torch")
@@ -81,7 +81,7 @@ def main():
 
         lines = [l for l in (DATA / "val.txt").read_text().splitlines() if l.strip()][: args.photos]
         photos = [np.array(Image.open(DATA / l.split(",")[0]).convert("RGB")) for l in lines]
-        for prec, p in compiled.items():
+        for prec, p in openvino.items():
             same_top1 = same_boxes = 0
             for start in range(0, len(photos), 16):
                 a, b = eager.predict_batch(photos[start:start + 16]), p.predict_batch(photos[start:start + 16])
@@ -92,7 +92,7 @@ def main():
             print(f"\ngrocery val photos, openvino {prec} vs eager fp32: top-1 agreement {same_top1}/{n} = {same_top1 / n:.1%}; "
                   f"identical K boxes {same_boxes}/{n} = {same_boxes / n:.1%}")
         sub = photos[: args.eval_photos]
-        for name, p in [("eager fp32 NCHW (before)", nchw)] + [(f"openvino {prec}", p) for prec, p in compiled.items()]:
+        for name, p in [("eager fp32 NCHW (before)", nchw)] + [(f"openvino {prec}", p) for prec, p in openvino.items()]:
             t0 = time.perf_counter()
             for cond in CONDITIONS:
                 arrays = [apply_condition(a, cond) for a in sub]

@@ -286,3 +286,22 @@ def test_the_train_tab_shows_a_refit_against_the_stage_it_refitted_on_the_test_p
     assert "finetune: 90.0% at 256 px — became the active model" in text
     assert "refit of finetune on training + validation photos: 95.0% on 20 test photos (finetune: 85.0%) at 256 px" in text
     assert "ntsnet: 96.0% at 256 px, all heads answering — became the active model" in text
+
+
+def test_the_apps_precision_reaches_the_model_that_answers(tmp_path, tiny_checkpoint, monkeypatch):
+    """--precision fp32 measures a bf16 CPU as an ordinary one; auto there runs only the part pass in bf16."""
+    import app
+    import ntsnet.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "cpu_supports_fast_bf16", lambda *a, **k: True)
+    assert app.parse_args([]).precision == "auto" and app.parse_args(["--precision", "fp32"]).precision == "fp32"
+    monkeypatch.setenv("NTSNET_PRECISION", "bf16")
+    assert app.parse_args([]).precision == "bf16"
+    with pytest.raises(SystemExit):
+        app.parse_args(["--precision", "fp16"])
+    names = {}
+    for precision in ("auto", "fp32"):
+        studio = Studio(tmp_path / precision, backend="torch", precision=precision)
+        studio.set_active_model(str(tiny_checkpoint))
+        names[precision] = studio._answerer()[2]
+    assert names == {"auto": "torch bf16 (parts)", "fp32": "torch fp32"}
