@@ -329,6 +329,8 @@ def test_a_stage_that_never_beat_its_start_is_not_proposed(tmp_path, monkeypatch
     (["--recipe", "paper", "--no-activate"], "--no-activate belongs to the default recipe"),
     (["--epochs", "3"], "--epochs belongs to the paper's recipe"),
     (["--freeze-stride", "-8"], "--freeze-stride must be 0"),
+    (["--ema-share", "-0.1"], "--ema-share must be 0"),
+    (["--recipe", "paper", "--ema-share", "0"], "--ema-share belongs to the default recipe"),
     (["--stages", "ntsnet,linear"], "--stages must be"),
 ])
 def test_a_flag_the_recipe_would_ignore_or_a_bad_setting_is_one_clear_line(tmp_path, capsys, flags, says):
@@ -466,3 +468,44 @@ def test_a_stage_planned_with_no_seconds_left_trains_at_most_one_step(tmp_path):
     _, acc, rows, _ = progressive._fit(model, loss_fn, snap.train, 64, cfg, 0.0, torch.device("cpu"), progressive.contextlib.nullcontext,
                                        False, lambda **kw: None, "finetune", val, lambda *a: None)
     assert len(rows) == 1 and rows[0]["epoch"] == 1 and 0.0 <= acc <= 1.0
+
+
+def test_the_weight_average_moves_by_its_time_constant_and_swaps_in_only_while_applied():
+    from training.progressive import _WeightAverage
+
+    layer = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight.zero_()
+    average = _WeightAverage(layer, tau_seconds=1.0)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    average.update(step_seconds=float(np.log(2)))  # one half-life
+    with average.applied():
+        assert torch.allclose(layer.weight, torch.full_like(layer.weight, 0.5))
+    assert torch.equal(layer.weight, torch.ones_like(layer.weight))
+
+
+@pytest.mark.parametrize("ema_share", [0.0, 1e9])
+def test_a_stage_is_judged_and_kept_on_its_averaged_weights(tmp_path, monkeypatch, ema_share):
+    """With a time constant far beyond the stage the average never leaves the starting weights, so those are what
+    is kept even though every evaluation 'improves'; without averaging the trained weights are kept."""
+    from training import progressive
+
+    calls = iter(range(1000))
+    real = progressive.evaluate_model
+    monkeypatch.setattr(progressive, "evaluate_model", lambda *a, **k: (next(calls) / 1000, real(*a, **k)[1]))
+    cat = small_catalogue(tmp_path / "cat", n_per_class=8)
+    snap = progressive.take_snapshot(cat.root)
+    cfg = ProgressiveConfig(backbone="tiny", batch_size=4, workers=0, freeze_stride=0, lr=0.05, ema_share=ema_share)
+    model = create_model(NTSConfig(model="baseline", backbone="tiny", num_classes=2, input_size=64, cat_num=0, proposal_num=1),
+                         pretrained=False)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_fn = lambda out, y: progressive.nts_loss(out, y, model.config)  # noqa: E731
+    val = progressive._load_arrays(snap.val)
+    model, _, rows, trained = progressive._fit(model, loss_fn, snap.train, 64, cfg, 2.0, torch.device("cpu"),
+                                               progressive.contextlib.nullcontext, False, lambda **kw: None, "finetune", val,
+                                               lambda *a: None)
+    assert trained and rows
+    kept = model.state_dict()
+    same = all(torch.allclose(kept[k], start[k], atol=1e-6) for k in start)
+    assert same == (ema_share > 0)

@@ -73,6 +73,8 @@ class ProgressiveConfig:
     head_lr_mult: float = 10.0
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
+    ema_share: float = 0.1             # stages 2-3 are judged on a moving average of their weights with this time constant
+                                       # (a share of the stage's seconds); 0: the raw weights
     finetune_share: float = 0.45       # of the time left after stage 1; NTS-Net gets the rest (stage 2 plateaus: 27 epochs gained 0.7 points over 14)
     freeze_stride: int | None = None   # stages 2-3 keep the layers up to this stride frozen; 0: train all; None: 8 on a CPU, 0 on a GPU
     device: str = "auto"
@@ -326,6 +328,40 @@ def _train_mode(model):
             m.eval()
 
 
+class _WeightAverage:
+    """An exponential moving average of the weights being trained, with a time constant in wall-clock seconds.
+    Small batches of heavily augmented photos make SGD's weights jitter from step to step; the average is what
+    gets evaluated and kept. A time (not step) constant makes it the same share of a stage on a slow or a fast
+    machine. Starts from the stage's starting weights, so early on it leans towards them."""
+
+    def __init__(self, model, tau_seconds: float):
+        self.tau = max(tau_seconds, 1e-6)
+        self.pairs = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update(self, step_seconds: float):
+        weight = 1.0 - math.exp(-step_seconds / self.tau)
+        for p, avg in self.pairs:
+            avg.lerp_(p.detach(), weight)
+
+    @torch.no_grad()
+    def copy_to_model(self):
+        for p, avg in self.pairs:
+            p.copy_(avg)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The averaged weights in place of the trained ones, for an evaluation or a copy."""
+        saved = [p.detach().clone() for p, _ in self.pairs]
+        self.copy_to_model()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (p, _), keep in zip(self.pairs, saved):
+                    p.copy_(keep)
+
+
 def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, device, autocast, stop, progress, stage: str,
          val, log, head_lr_mult: float | None = None) -> tuple[torch.nn.Module, float, list[dict]]:
     """End-to-end training for ``seconds`` (time-based warm-up + cosine), evaluating on the validation photos
@@ -353,6 +389,7 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
     best_state, rows, trained_best = copy.deepcopy(model.state_dict()) if select else None, [], not select
     if select:
         log(f"{stage}: starts at {best_acc:.1%} on the validation photos")
+    average = _WeightAverage(model, cfg.ema_share * seconds) if cfg.ema_share > 0 else None
     t_start, trained, seen, epoch, next_eval = time.perf_counter(), 0.0, 0, 0, 0.0
     eval_every = max(seconds / 8, 20.0)  # evaluations cost time too
     done = False
@@ -389,6 +426,8 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
             losses["total"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)  # one bad batch must not undo a stage
             opt.step()
+            if average is not None:
+                average.update(time.perf_counter() - t0)
             trained += time.perf_counter() - t0
             n_seen += len(y)
             seen += len(y)
@@ -402,7 +441,10 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
                 break
         if main and n_seen and (time.perf_counter() - t_start >= next_eval or done):
             next_eval = time.perf_counter() - t_start + eval_every
-            acc = evaluate_model(model, val_arrays, val_labels)[0] if select else float("nan")
+            with average.applied() if average is not None else contextlib.nullcontext():
+                acc = evaluate_model(model, val_arrays, val_labels)[0] if select else float("nan")
+                if select and acc >= best_acc:  # ties: the later, longer-trained weights
+                    best_acc, best_state, trained_best = acc, copy.deepcopy(model.state_dict()), True
             row = {"stage": stage, "epoch": epoch, **{k: round(v / n_seen, 5) for k, v in sums.items()},
                    "train_acc": round(correct / n_seen, 5), "val_acc": round(acc, 5) if select else None, "val_n": len(val_labels),
                    "images_per_s": round(world * seen / max(trained, 1e-9), 2), "processes": world, "train_minutes": round(trained / 60, 3),
@@ -410,8 +452,6 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
             rows.append(row)
             log(f"{stage} epoch {epoch}: loss {row['total']:.3f}, train acc {row['train_acc']:.3f}, "
                 + (f"val acc {acc:.3f}, " if select else "") + f"{row['images_per_s']} img/s")
-            if select and acc >= best_acc:  # ties: the later, longer-trained weights
-                best_acc, best_state, trained_best = acc, copy.deepcopy(model.state_dict()), True
     agree = distributed.replicas_agree(model, device)
     if agree is not None:
         log(f"{stage}: {world} processes {'hold the same' if agree else 'DIFFER in their'} weights")
@@ -419,6 +459,8 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
             r["replicas_agree"] = agree
     if select:
         model.load_state_dict(best_state)
+    elif average is not None:  # a refit ends on the averaged weights, as the stage it repeats was judged on them
+        average.copy_to_model()
     return model.eval(), best_acc, rows, trained_best
 
 
@@ -427,6 +469,8 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
     if not stages or any(s not in STAGES for s in stages) or stages != [s for s in STAGES if s in stages]:
         raise DataError(f"--stages must be a comma-separated, ordered subset of {','.join(STAGES)}")
+    if not cfg.ema_share >= 0:
+        raise DataError(f"--ema-share must be 0 (no averaging) or a positive share of a stage, such as 0.1; got {cfg.ema_share}")
     if cfg.refit not in ("auto", "on", "off"):
         raise DataError(f"--refit must be auto, on or off; got {cfg.refit!r}")
     device = resolve_device(cfg.device)
