@@ -486,9 +486,11 @@ def test_the_weight_average_moves_by_its_time_constant_and_swaps_in_only_while_a
 
 
 @pytest.mark.parametrize("ema_share", [0.0, 1e9])
-def test_a_stage_is_judged_and_kept_on_its_averaged_weights(tmp_path, monkeypatch, ema_share):
+@pytest.mark.parametrize("refit", [False, True])
+def test_a_stage_is_judged_and_kept_on_its_averaged_weights(tmp_path, monkeypatch, ema_share, refit):
     """With a time constant far beyond the stage the average never leaves the starting weights, so those are what
-    is kept even though every evaluation 'improves'; without averaging the trained weights are kept."""
+    is kept even though every evaluation 'improves'; without averaging the trained weights are kept. A refit (no
+    validation photos to select on) ends on the averaged weights too."""
     from training import progressive
 
     calls = iter(range(1000))
@@ -501,10 +503,10 @@ def test_a_stage_is_judged_and_kept_on_its_averaged_weights(tmp_path, monkeypatc
                          pretrained=False)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     loss_fn = lambda out, y: progressive.nts_loss(out, y, model.config)  # noqa: E731
-    val = progressive._load_arrays(snap.val)
+    val = None if refit else progressive._load_arrays(snap.val)
     model, _, rows, trained = progressive._fit(model, loss_fn, snap.train, 64, cfg, 2.0, torch.device("cpu"),
-                                               progressive.contextlib.nullcontext, False, lambda **kw: None, "finetune", val,
-                                               lambda *a: None)
+                                               progressive.contextlib.nullcontext, False, lambda **kw: None,
+                                               "refit" if refit else "finetune", val, lambda *a: None)
     assert trained and rows
     kept = model.state_dict()
     same = all(torch.allclose(kept[k], start[k], atol=1e-6) for k in start)
