@@ -288,9 +288,8 @@ def test_finetune_keeps_the_early_layers_frozen_and_trains_the_rest(tmp_path, mo
     from ntsnet.checkpoint import load_checkpoint
 
     calls = iter(range(1000))
-    real = prog.evaluate_model
     # every evaluation "improves", so the stage keeps its last weights rather than the starting ones
-    monkeypatch.setattr(prog, "evaluate_model", lambda *a, **k: (next(calls) / 1000, real(*a, **k)[1]))
+    monkeypatch.setattr(prog, "selection_accuracy", lambda *a, **k: next(calls) / 1000)
     cat = small_catalogue(tmp_path / "cat", n_per_class=8)
     cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.2,
                             stages="finetune", input_size=64, batch_size=4, workers=0, precision="fp32", lr=0.05, activate=False)
@@ -310,9 +309,10 @@ def test_a_stage_that_never_beat_its_start_is_not_proposed(tmp_path, monkeypatch
     untrained Navigator, and slower), so the earlier model keeps answering."""
     import training.progressive as prog
 
-    accs = iter([1.0, 1.0] + [0.5] * 100)  # linear stage, fine-tune start, then every later evaluation worse
+    accs = iter([1.0] + [0.5] * 100)  # the fine-tune's start, then every later evaluation worse
     real = prog.evaluate_model
-    monkeypatch.setattr(prog, "evaluate_model", lambda *a, **k: (next(accs), real(*a, **k)[1]))
+    monkeypatch.setattr(prog, "evaluate_model", lambda *a, **k: (1.0, real(*a, **k)[1]))  # the linear stage: 100%
+    monkeypatch.setattr(prog, "selection_accuracy", lambda *a, **k: next(accs))
     cat = small_catalogue(tmp_path / "cat", n_per_class=8)
     cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.3,
                             stages="linear,finetune", input_size=64, views=2, batch_size=4, workers=0, precision="fp32")
@@ -494,8 +494,7 @@ def test_a_stage_is_judged_and_kept_on_its_averaged_weights(tmp_path, monkeypatc
     from training import progressive
 
     calls = iter(range(1000))
-    real = progressive.evaluate_model
-    monkeypatch.setattr(progressive, "evaluate_model", lambda *a, **k: (next(calls) / 1000, real(*a, **k)[1]))
+    monkeypatch.setattr(progressive, "selection_accuracy", lambda *a, **k: next(calls) / 1000)
     cat = small_catalogue(tmp_path / "cat", n_per_class=8)
     snap = progressive.take_snapshot(cat.root)
     cfg = ProgressiveConfig(backbone="tiny", batch_size=4, workers=0, freeze_stride=0, lr=0.05, ema_share=ema_share)
@@ -511,3 +510,29 @@ def test_a_stage_is_judged_and_kept_on_its_averaged_weights(tmp_path, monkeypatc
     kept = model.state_dict()
     same = all(torch.allclose(kept[k], start[k], atol=1e-6) for k in start)
     assert same == (ema_share > 0)
+
+
+def test_nts_net_is_judged_on_its_best_answer_while_it_trains(tmp_path, monkeypatch):
+    """A stage-3 NTS-Net whose Scrutinizer never beats its start but whose all-heads answer does is a trained stage:
+    its weights are kept and go on to the test-size choice (judged on the Scrutinizer alone they were thrown away)."""
+    from training import progressive
+
+    calls = iter(range(1, 1000))
+
+    def answers(model, arrays, labels, batch=16):  # the Scrutinizer stays where it started; all heads improve
+        step = next(calls)
+        return {"scrutinizer": (0.5 if step == 1 else 0.4, []), "all-heads": (0.5 + step / 1000, [])}
+
+    monkeypatch.setattr(progressive, "evaluate_answers", answers)
+    cat = small_catalogue(tmp_path / "cat", n_per_class=8)
+    snap = progressive.take_snapshot(cat.root)
+    nts = NTSConfig(model="ntsnet", backbone="tiny", num_classes=2, input_size=64, part_size=32, proposal_num=3, cat_num=2)
+    model = create_model(nts, pretrained=False)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = ProgressiveConfig(backbone="tiny", batch_size=4, workers=0, freeze_stride=0, lr=0.05, ema_share=0)
+    loss_fn = lambda out, y: progressive.nts_loss(out, y, nts)  # noqa: E731
+    model, acc, rows, trained = progressive._fit(model, loss_fn, snap.train, 64, cfg, 2.0, torch.device("cpu"),
+                                                 progressive.contextlib.nullcontext, False, lambda **kw: None, "ntsnet",
+                                                 progressive._load_arrays(snap.val), lambda *a: None, head_lr_mult=1.0)
+    assert trained and acc > 0.5 and rows[-1]["val_acc"] == round(acc, 5)
+    assert not all(torch.equal(model.state_dict()[k], start[k]) for k in start)

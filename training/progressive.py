@@ -257,6 +257,13 @@ def evaluate_model(model, arrays, labels, batch: int = 16) -> tuple[float, list[
     return answers.get(model.config.answer, answers["scrutinizer"])
 
 
+def selection_accuracy(model, arrays, labels, batch: int = 16) -> float:
+    """What a stage is judged on while it trains: the top-1 accuracy of its best answer at the training size. The
+    answer and size it will give are chosen after (choose_test_size); judging NTS-Net on the Scrutinizer alone
+    discarded trained weights whose all-heads answer was the better one (a Lite1 stage 3, 2026-11-29)."""
+    return max(acc for acc, _ in evaluate_answers(model, arrays, labels, batch).values())
+
+
 def candidate_sizes(train_size: int) -> list[int]:
     """Input sizes worth trying at test time for a model trained at ``train_size``: random framing during
     training shows products larger than a plain resize of the whole photo does, so such a model often recognises
@@ -385,7 +392,7 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
     net = distributed.wrap(model, device)
     select = val is not None
     val_arrays, val_labels = val if select else ([], [])
-    best_acc, _ = evaluate_model(model, val_arrays, val_labels) if main and select else (float("nan"), None)
+    best_acc = selection_accuracy(model, val_arrays, val_labels) if main and select else float("nan")
     best_state, rows, trained_best = copy.deepcopy(model.state_dict()) if select else None, [], not select
     if select:
         log(f"{stage}: starts at {best_acc:.1%} on the validation photos")
@@ -442,7 +449,7 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
         if main and n_seen and (time.perf_counter() - t_start >= next_eval or done):
             next_eval = time.perf_counter() - t_start + eval_every
             with average.applied() if average is not None else contextlib.nullcontext():
-                acc = evaluate_model(model, val_arrays, val_labels)[0] if select else float("nan")
+                acc = selection_accuracy(model, val_arrays, val_labels) if select else float("nan")
                 if select and acc >= best_acc:  # ties: the later, longer-trained weights
                     best_acc, best_state, trained_best = acc, copy.deepcopy(model.state_dict()), True
             row = {"stage": stage, "epoch": epoch, **{k: round(v / n_seen, 5) for k, v in sums.items()},
