@@ -182,6 +182,22 @@ def test_bf16_is_chosen_only_where_the_cpu_does_bf16_in_hardware():
     assert cpu_supports_fast_bf16("flags : fpu avx512f avx512_bf16 amx_bf16 amx_tile", training=True)
 
 
+
+def test_bf16_is_not_chosen_when_onednn_is_capped_below_it(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes a bf16 CPU behave as an ordinary AVX2 one; OpenVINO then must be asked for fp32."""
+    from ntsnet.predictor import cpu_supports_fast_bf16
+
+    amx = "flags : fpu avx512f avx512_bf16 amx_bf16 amx_tile"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not cpu_supports_fast_bf16(amx) and not cpu_supports_fast_bf16(amx, training=True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")
+    assert cpu_supports_fast_bf16(amx) and not cpu_supports_fast_bf16(amx, training=True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert cpu_supports_fast_bf16(amx, training=True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    assert cpu_supports_fast_bf16(amx)
+
+
 @pytest.mark.parametrize("backend", ["torch", "openvino"])
 def test_live_memory_reuses_parts_only_when_the_navigator_picks_the_same_anchors(tiny_checkpoint, backend):
     pytest.importorskip("openvino") if backend == "openvino" else None

@@ -15,7 +15,7 @@ from synthetic import make_dataset
 from dataset_tools import Catalogue, assign_splits
 from training import jobs
 from training.data import DataError, take_snapshot
-from training.evaluate import apply_condition, compute_metrics, evaluate
+from training.evaluate import apply_condition, blur, compute_metrics, evaluate
 from training.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,6 +136,10 @@ def test_store_conditions():
     checker = np.indices((100, 100)).sum(0) % 2 * 255
     img = np.repeat(checker[:, :, None], 3, 2).astype(np.uint8)
     assert apply_condition(img, "blurry").std() < img.std() / 3
+    # the blur curve (benchmarks/blur_curve.py): no blur at 0, more blur as the share grows, the condition is one point
+    assert blur(img, 0) is img
+    stds = [blur(img, s / 100).std() for s in (0.25, 0.5, 1.0, 2.0)]
+    assert stds == sorted(stds, reverse=True) and np.array_equal(blur(img, 0.015), apply_condition(img, "blurry"))
 
 
 def test_evaluate_end_to_end(catalogue, tmp_path):

@@ -19,6 +19,14 @@ from dataset_tools import Catalogue
 from .data import DataError, load_rgb
 
 CONDITIONS = ("clean", "dark", "blurry", "low-res")
+BLUR_SHARE = 0.015  # the blurry condition's Gaussian sigma, as a share of the photo's longest side
+
+
+def blur(rgb: np.ndarray, share: float = BLUR_SHARE) -> np.ndarray:
+    """Gaussian blur with sigma = share x the longest side (so a photo's blur does not depend on its pixel count)."""
+    if share <= 0:
+        return rgb
+    return cv2.GaussianBlur(rgb, (0, 0), sigmaX=share * max(rgb.shape[:2]))
 
 
 def apply_condition(rgb: np.ndarray, condition: str) -> np.ndarray:
@@ -27,8 +35,7 @@ def apply_condition(rgb: np.ndarray, condition: str) -> np.ndarray:
     if condition == "dark":
         return (rgb.astype(np.float32) * 0.25).round().astype(np.uint8)
     if condition == "blurry":
-        sigma = 0.015 * max(rgb.shape[:2])
-        return cv2.GaussianBlur(rgb, (0, 0), sigmaX=sigma)
+        return blur(rgb)
     if condition == "low-res":
         h, w = rgb.shape[:2]
         scale = 80.0 / max(h, w)
