@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -62,8 +60,8 @@ def plot(rows, path: Path, title: str):
 def main():
     from train_click import cpu_line
     from ntsnet import Predictor
-    from training.data import load_rgb
     from training.evaluate import _eval_items
+    from training.progressive import _load_arrays
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", required=True)
@@ -77,12 +75,7 @@ def main():
     print("CPU:", cpu_line())
     predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, background=False)
     items, _ = _eval_items(args.db, predictor.class_names, args.split)
-    arrays, labels = [], []
-    for it in items:
-        im = load_rgb(it["path"])
-        if im is not None:
-            arrays.append(np.asarray(im))
-            labels.append(it["label"])
+    arrays, labels = _load_arrays(items)
     shares = [float(s) for s in args.shares.split(",")]
     t0 = time.time()
     rows = blur_curve(predictor, arrays, labels, shares)
