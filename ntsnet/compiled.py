@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .runtime import torch_threads
+from .runtime import isa_cap_allows_bf16, torch_threads
 
 log = logging.getLogger("ntsnet")
 
@@ -173,8 +173,10 @@ class OpenVINOGraphs:
         self._compiled = {}
         for name in self.sizes:
             config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"}
-            # OpenVINO picks bf16 by itself on CPUs with AVX512-BF16 or AMX: fp32 must be asked for
-            if (precision.get(name, "auto") if isinstance(precision, dict) else precision) == "fp32":
+            # OpenVINO picks bf16 by itself on CPUs with AVX512-BF16 or AMX: fp32 must be asked for, also where
+            # oneDNN is capped below bf16 (OpenVINO reads the CPU's flags, not the cap)
+            wanted = precision.get(name, "auto") if isinstance(precision, dict) else precision
+            if wanted == "fp32" or (wanted == "auto" and not isa_cap_allows_bf16()):
                 config["INFERENCE_PRECISION_HINT"] = "f32"
             self._compiled[name] = core.compile_model(str(Path(out_dir) / f"{name}.xml"), "CPU", config)
         self._local = threading.local()  # an infer request is not thread-safe: one per thread

@@ -20,7 +20,7 @@ from .checkpoint import build_model, load_checkpoint
 from .fuse import inference_copy
 from .images import to_input_tensor, to_rgb_array
 from .model import answer_probabilities
-from .runtime import keep_freed_memory, single_torch_thread
+from .runtime import isa_cap_allows_bf16, keep_freed_memory, single_torch_thread
 
 log = logging.getLogger("ntsnet")
 
@@ -71,7 +71,7 @@ def cpu_supports_fast_bf16(cpuinfo: str | None = None, training: bool = False) -
     emulates bf16 and it is slower than fp32, so a plain AVX-512 CPU must not count). Training: AMX only; on a
     Zen 4 EPYC (AVX512-BF16, no AMX) bf16 autocast trained at 0.8x the images/s of fp32 channels_last while
     inference ran 1.6-1.7x faster (README, "a 2-core Zen 4 EPYC")."""
-    if not _isa_cap_allows_bf16(training):
+    if not isa_cap_allows_bf16(training):
         return False
     if cpuinfo is None:
         try:
@@ -85,18 +85,6 @@ def cpu_supports_fast_bf16(cpuinfo: str | None = None, training: bool = False) -
         return "AMX" in torch.backends.cpu.get_cpu_capability().upper()
     except Exception:
         return False
-
-
-def _isa_cap_allows_bf16(training: bool = False) -> bool:
-    """oneDNN (in PyTorch and in OpenVINO's convolutions) never goes above ``ONEDNN_MAX_CPU_ISA``. Capped below
-    AVX512_CORE_BF16 (AMX for training), bf16 would be emulated or refused: OpenVINO's own bf16 choice then failed
-    at the first frame ("Convolution node ... is not initialized") on a Zen 4 capped to AVX2."""
-    import os
-
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
-    if cap == "ALL":
-        return True
-    return "AMX" in cap if training else cap.startswith(("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10"))
 
 
 class _Bf16Parts:
@@ -153,9 +141,7 @@ class Predictor:
         self._build_thread: threading.Thread | None = None
         if self.backend == "openvino":
             key = weights_key or compiled.state_key(self.model, "fold" if fold_batchnorm else "")
-            # 'auto' leaves the part graph's precision to OpenVINO only where bf16 is wanted at all
-            engine_precision = requested_precision if precision == "bf16" else "fp32"
-            self._start_engine(checkpoint_path, key, engine_precision, background)
+            self._start_engine(checkpoint_path, key, requested_precision, background)
 
     def _start_engine(self, checkpoint_path, key, precision, background):
         def build():

@@ -17,6 +17,16 @@ import os
 import sys
 import threading
 
+def isa_cap_allows_bf16(training: bool = False) -> bool:
+    """oneDNN (in PyTorch and in OpenVINO's convolutions) never goes above ``ONEDNN_MAX_CPU_ISA``. Capped below
+    AVX512_CORE_BF16 (AMX for training), bf16 is emulated or refused: OpenVINO, choosing bf16 by itself from the
+    CPU's flags, failed at the first frame ("Convolution node ... is not initialized") on a Zen 4 capped to AVX2."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
+    if cap == "ALL":
+        return True
+    return "AMX" in cap if training else cap.startswith(("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10"))
+
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 1024 * 1024

@@ -182,9 +182,8 @@ def test_bf16_is_chosen_only_where_the_cpu_does_bf16_in_hardware():
     assert cpu_supports_fast_bf16("flags : fpu avx512f avx512_bf16 amx_bf16 amx_tile", training=True)
 
 
-
 def test_bf16_is_not_chosen_when_onednn_is_capped_below_it(monkeypatch):
-    """ONEDNN_MAX_CPU_ISA=AVX2 makes a bf16 CPU behave as an ordinary AVX2 one; OpenVINO then must be asked for fp32."""
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes a bf16 CPU behave as an ordinary AVX2 one (tests/test_compiled.py: OpenVINO too)."""
     from ntsnet.predictor import cpu_supports_fast_bf16
 
     amx = "flags : fpu avx512f avx512_bf16 amx_bf16 amx_tile"

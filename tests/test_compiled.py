@@ -48,6 +48,18 @@ def test_auto_precision_keeps_the_navigators_graph_in_fp32_on_every_cpu(tiny_che
         assert [(x.x0, x.y0, x.x1, x.y1) for x in a.boxes] == [(x.x0, x.y0, x.x1, x.y1) for x in b.boxes]
 
 
+def test_auto_precision_asks_openvino_for_fp32_where_onednn_is_capped_below_bf16(tiny_checkpoint, monkeypatch):
+    """OpenVINO chooses bf16 from the CPU's flags, not from ONEDNN_MAX_CPU_ISA; under an AVX2 cap on a bf16 CPU
+    that choice failed at the first frame, so 'auto' must ask for f32 on both graphs there."""
+    import openvino as ov
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = Predictor.from_checkpoint(tiny_checkpoint, backend="openvino", background=False)  # precision 'auto'
+    assert capped.precision == "fp32"
+    for graphs in (capped.engine.graphs, capped.engine.with_threads(1).graphs):
+        assert all(g.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32 for g in graphs._compiled.values())
+
+
 def test_live_frames_run_on_the_live_thread_count_with_the_same_answers(tiny_checkpoint):
     """A browser on this machine gets a core: live frames use a second compilation on fewer threads."""
     fast = Predictor.from_checkpoint(tiny_checkpoint, precision="fp32", backend="openvino", background=False)
