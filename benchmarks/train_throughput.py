@@ -2,6 +2,10 @@
 uses on a CPU now), and bf16 autocast + channels_last where the CPU does bf16 in hardware.
 
     python benchmarks/train_throughput.py [--steps 6] [--batch-size 8]
+    python benchmarks/train_throughput.py --fold [--batch-size 16] [--precision fp32]
+
+``--fold``: as the progressive job trains (channels_last, BatchNorm on its running statistics, layers to stride 8
+frozen), with and without BatchNorm folded into the convs (ntsnet/fuse.py: TrainingFold), alternated twice.
 
 Random data, real model and optimizer step (Lite0 weights are offline, so this runs anywhere).
 """
@@ -18,7 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ntsnet import NTSConfig, create_model, nts_loss  # noqa: E402
+from ntsnet.fuse import TrainingFold  # noqa: E402
 from ntsnet.runtime import keep_freed_memory  # noqa: E402
+from training.progressive import _train_mode  # noqa: E402
 
 CONFIGS = [
     ("baseline", 224, 224, 6, 4),
@@ -29,14 +35,24 @@ CONFIGS = [
 ]
 
 
-def measure(model_kind, size, part, m, k, precision, steps, bs, backbone):
+def measure(model_kind, size, part, m, k, precision, steps, bs, backbone, fold=None):
+    """``fold``: None, the plain recipe (BatchNorm on batch statistics, every layer trained); False / True: as the
+    progressive job trains, without / with TrainingFold."""
     cfg = NTSConfig(model=model_kind, backbone=backbone, num_classes=81, input_size=size, part_size=part, proposal_num=m, cat_num=k)
     model = create_model(cfg, pretrained=False).train()
     fast = precision == "bf16"
     nhwc = precision in ("bf16", "fp32-cl")
     if nhwc:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    folding = contextlib.nullcontext()
+    if fold is not None:
+        frozen = {id(p) for p in model.backbone.early_parameters(8)}  # (it leaves every module in training mode)
+        for p in model.parameters():
+            p.requires_grad_(id(p) not in frozen)
+        _train_mode(model)
+        if fold:
+            folding = TrainingFold(model.backbone, torch.randn(1, 3, 64, 64))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     x = torch.randn(bs, 3, size, size)
     if nhwc:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -45,7 +61,7 @@ def measure(model_kind, size, part, m, k, precision, steps, bs, backbone):
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        with ctx():
+        with ctx(), folding:
             out = model(x)
         loss = nts_loss(out, y, cfg)["total"]
         opt.zero_grad()
@@ -62,6 +78,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--configs", default="all", help="comma-separated row numbers (0-based) of CONFIGS to run")
+    ap.add_argument("--fold", action="store_true", help="the progressive job's training, with and without TrainingFold")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="with --fold: fp32 or bf16 autocast (channels_last both)")
     args = ap.parse_args()
     kept = keep_freed_memory()  # as training does; NTSNET_KEEP_MALLOC=0 measures glibc's default
     print(f"glibc keeps freed memory: {kept}")
@@ -71,9 +89,22 @@ def main():
 
     bf16 = cpu_supports_fast_bf16()
     print(f"CPU: {cpu_line()}; bf16 in hardware: {bf16}; training picks bf16 by itself: {cpu_supports_fast_bf16(training=True)}")
+    rows = CONFIGS if args.configs == "all" else [CONFIGS[int(i)] for i in args.configs.split(",")]
+    if args.fold:
+        precision = "bf16" if args.precision == "bf16" else "fp32-cl"
+        print(f"as the progressive job trains ({args.precision}, channels_last, BatchNorm on running statistics, stride <= 8 frozen)")
+        print("| model | input | parts | plain img/s | TrainingFold img/s | speed-up |")
+        print("|---|---|---|---|---|---|")
+        for kind, size, part, m, k in rows:
+            runs = {False: [], True: []}
+            for fold in (False, True, False, True):
+                runs[fold].append(measure(kind, size, part, m, k, precision, args.steps, args.batch_size, args.backbone, fold))
+            a, b = (sorted(runs[f])[-1] for f in (False, True))  # the better of two: the other one met a slow moment
+            parts = f"M={m} x {part}px" if kind == "ntsnet" else "-"
+            print(f"| {kind} | {size} | {parts} | {a:.1f} | {b:.1f} | {b / a:.2f}x |", flush=True)
+        return
     print("| model | input | parts | fp32 NCHW img/s | fp32 channels_last img/s | speed-up |" + (" bf16+CL img/s |" if bf16 else ""))
     print("|---|---|---|---|---|---|" + ("---|" if bf16 else ""))
-    rows = CONFIGS if args.configs == "all" else [CONFIGS[int(i)] for i in args.configs.split(",")]
     for kind, size, part, m, k in rows:
         a = measure(kind, size, part, m, k, "fp32", args.steps, args.batch_size, args.backbone)
         b = measure(kind, size, part, m, k, "fp32-cl", args.steps, args.batch_size, args.backbone)

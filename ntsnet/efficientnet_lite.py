@@ -47,8 +47,12 @@ class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow "SAME" padding, computed per input size (works for any resolution)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight, self.bias)
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # nn.Conv2d's own hook for "this conv with other weights" (ntsnet/fuse.py folds BatchNorm through it)
         if self.stride[0] == 1:  # odd kernel, stride 1: SAME is symmetric, let the conv pad itself
-            return F.conv2d(x, self.weight, self.bias, 1, self.kernel_size[0] // 2, 1, self.groups)
+            return F.conv2d(x, weight, bias, 1, self.kernel_size[0] // 2, 1, self.groups)
         ih, iw = x.shape[-2:]
         kh, kw = self.kernel_size
         sh, sw = self.stride
@@ -56,7 +60,7 @@ class SameConv2d(nn.Conv2d):
         pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
         if ph or pw:
             x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
+        return F.conv2d(x, weight, bias, self.stride, 0, 1, self.groups)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:

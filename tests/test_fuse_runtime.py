@@ -12,7 +12,7 @@ from torch import nn
 from synthetic import draw_product
 from ntsnet import Predictor, load_checkpoint, save_checkpoint
 from ntsnet.backbones import create_backbone
-from ntsnet.fuse import find_conv_bn_pairs, fold_batchnorm
+from ntsnet.fuse import TrainingFold, find_conv_bn_pairs, fold_batchnorm
 
 
 def _randomise_bn_statistics(module: nn.Module, seed: int = 0):
@@ -83,6 +83,61 @@ def test_a_fold_that_would_change_the_output_is_refused():
 def test_folding_needs_eval_mode():
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train(), torch.randn(1, 3, 4, 4))
+
+
+def _job_trained(net: nn.Module, frozen_up_to: int = 6) -> nn.Module:
+    """As training/progressive.py trains: BatchNorms on their running statistics, the first layers frozen."""
+    for i, p in enumerate(net.parameters()):
+        p.requires_grad_(i >= frozen_up_to)
+    net.train()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    return net
+
+
+def _loss_and_grads(net, x, fold=None):
+    net.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same stochastic-depth draws in both passes
+    with fold if fold is not None else torch.enable_grad():
+        loss = (net(x) ** 2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["tiny", "efficientnet_lite0"])
+def test_training_fold_gives_the_same_loss_and_gradients_and_changes_no_state(name):
+    net = _job_trained(_randomise_bn_statistics(create_backbone(name, pretrained=False)))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    fold = TrainingFold(net, torch.randn(1, 3, 64, 64))
+    assert len(fold.pairs) == sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) > 0
+    x = torch.randn(2, 3, 96, 80)  # odd sizes: TF "same" padding is asymmetric there
+    want_loss, want = _loss_and_grads(net, x)
+    got_loss, got = _loss_and_grads(net, x, fold)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-6)
+    bn_weights = {f"{n}.weight" for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert set(got) == set(want) and bn_weights & set(got)  # BatchNorm weights get gradients through the fold too
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-3, atol=1e-5 * float(want[n].abs().max()) + 1e-8)
+    # the module is back as it was: same state, same modes, the classes' own forward methods
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    assert not any("forward" in vars(m) for m in net.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) and not m.training for m in net.modules()) and net.training
+
+
+def test_training_fold_refuses_batch_statistics():
+    net = _randomise_bn_statistics(create_backbone("tiny", pretrained=False))
+    fold = TrainingFold(net, torch.randn(1, 3, 64, 64))
+    net.train()  # BatchNorms on batch statistics: not a fixed scale, so not foldable
+    with pytest.raises(RuntimeError, match="running statistics"), fold:
+        net(torch.randn(2, 3, 64, 64))
+    assert not any("forward" in vars(m) for m in net.modules())
+
+
+def test_training_fold_folds_nothing_where_folding_would_change_the_output():
+    net = _randomise_bn_statistics(_ConvReadByFunction())
+    assert TrainingFold(net, torch.randn(1, 3, 8, 8)).pairs == []
+    assert TrainingFold(_randomise_bn_statistics(_ConvReadTwice()), torch.randn(1, 3, 8, 8)).pairs == []
 
 
 def test_predictor_answers_the_same_folded_and_saves_the_unfolded_model(tiny_checkpoint, tmp_path):

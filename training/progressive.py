@@ -45,6 +45,7 @@ from tqdm import tqdm
 from ntsnet import NTSConfig, answer_probabilities, create_model, nts_loss, save_checkpoint
 from ntsnet.config import ANSWERS
 from ntsnet.checkpoint import atomic_write
+from ntsnet.fuse import TrainingFold
 from ntsnet.images import to_input_tensor
 from ntsnet.predictor import resolve_device
 from ntsnet.runtime import keep_freed_memory
@@ -397,6 +398,8 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
     if select:
         log(f"{stage}: starts at {best_acc:.1%} on the validation photos")
     average = _WeightAverage(model, cfg.ema_share * seconds) if cfg.ema_share > 0 else None
+    param = next(model.backbone.parameters())
+    fold = TrainingFold(model.backbone, torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(param))
     t_start, trained, seen, epoch, next_eval = time.perf_counter(), 0.0, 0, 0, 0.0
     eval_every = max(seconds / 8, 20.0)  # evaluations cost time too
     done = False
@@ -426,7 +429,7 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
             x, y = x.to(device), y.to(device)
             if device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast():
+            with autocast(), fold:
                 out = net(x)
             losses = loss_fn(out, y)
             opt.zero_grad(set_to_none=True)
