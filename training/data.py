@@ -88,10 +88,15 @@ def to_tensor(im: Image.Image, size: int, flip: bool = False, mean=IMAGENET_MEAN
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
-def store_augment(im: Image.Image, rng: np.random.Generator, degrade: bool = True) -> Image.Image:
+def store_augment(im: Image.Image, rng: np.random.Generator, degrade: bool = True, size: int | None = None) -> Image.Image:
     """What a store camera does to a product photo: framing (random resized crop), small rotation and
     perspective, lighting and colour, darkness, blur, and tiny low-resolution images. The strengths cover the
     evaluation's store conditions (training/evaluate.py: 25% brightness, blur of 1.5% of the side, 80 px).
+
+    ``size``: the framed photo is brought to size x size (as ``to_tensor`` would) before the rest, so rotation,
+    light, noise and blur work on the pixels the model gets rather than on the photo's: the same views (blur and
+    the tiny image are shares of the side) for about half the work; stages 2-3 prepare photos on the cores that
+    train, so this is training time (``python benchmarks/train_throughput.py --photos``).
 
     ``degrade=False``: framing, flip and light/colour only, for a head fitted on frozen features (stage 1). Those
     features cannot learn to see through darkness, blur or a tiny image, so such views only add noise to the head:
@@ -108,6 +113,8 @@ def store_augment(im: Image.Image, rng: np.random.Generator, degrade: bool = Tru
         im = im.crop((x0, y0, x0 + cw, y0 + ch))
     if rng.random() < 0.5:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    if size:
+        im = im.resize((size, size), Image.BILINEAR)
     if not degrade:
         return _light_and_colour(im, rng)
     if rng.random() < 0.3:
@@ -120,7 +127,7 @@ def store_augment(im: Image.Image, rng: np.random.Generator, degrade: bool = Tru
     im = _light_and_colour(im, rng)
     if rng.random() < 0.25:  # a dark shelf: less light, and the sensor noise that the camera's gain then amplifies
         im = ImageEnhance.Brightness(im).enhance(float(rng.uniform(0.15, 0.5)))
-        noise = rng.normal(0.0, rng.uniform(0.0, 3.0), (im.size[1], im.size[0], 3))
+        noise = rng.standard_normal((im.size[1], im.size[0], 3), dtype=np.float32) * rng.uniform(0.0, 3.0)
         im = Image.fromarray(np.clip(np.asarray(im, dtype=np.float32) + noise, 0, 255).round().astype(np.uint8))
     if rng.random() < 0.35:  # focus and motion blur: the condition the job's models held up worst in (training/evaluate.py)
         im = im.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 0.025 * max(im.size)))))
@@ -165,7 +172,7 @@ class PhotoDataset(torch.utils.data.Dataset):
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             if self.augment == "store":
-                im = store_augment(im, rng)
+                im = store_augment(im, rng, size=self.size)
             else:
                 flip = bool(rng.random() < 0.5)
         return to_tensor(im, self.size, flip, self.mean, self.std), item["label"]
