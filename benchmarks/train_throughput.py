@@ -4,6 +4,11 @@ uses on a CPU now), and bf16 autocast + channels_last where the CPU does bf16 in
     python benchmarks/train_throughput.py [--steps 6] [--batch-size 8]
     python benchmarks/train_throughput.py --fold [--batch-size 16] [--precision fp32]
 
+    python benchmarks/train_throughput.py --photos 264 [--photo-dir ../shared/datasets/grocerystore/train]
+
+``--photos``: milliseconds to prepare one store-augmented training photo (decode, augment, tensor) on one core,
+with the augmentation at the photo's own pixels (before 2026-11-29) and at the training size (now).
+
 ``--fold``: as the progressive job trains (channels_last, BatchNorm on its running statistics, layers to stride 8
 frozen), with and without BatchNorm folded into the convs (ntsnet/fuse.py: TrainingFold), alternated twice.
 
@@ -72,6 +77,30 @@ def measure(model_kind, size, part, m, k, precision, steps, bs, backbone, fold=N
     return bs * len(times) / sum(times)
 
 
+def photo_preparation(folder: Path, n: int, size: int = 224):
+    import numpy as np
+
+    from training.data import load_rgb, store_augment, to_tensor
+    from train_click import cpu_line
+
+    paths = sorted(folder.rglob("*.jpg"))
+    if not paths:
+        raise SystemExit(f"no .jpg photos under {folder}")
+    paths = paths[:: max(1, len(paths) // n)][:n]
+    torch.set_num_threads(1)  # a DataLoader worker's share
+    print(f"CPU: {cpu_line()}\n{len(paths)} photos from {folder}, {size} px, one core; best of 3 passes, ms per photo")
+    for rep in range(2):
+        for label, at_size in (("augmented at the photo's pixels", None), ("augmented at the training size", size)):
+            best = float("inf")
+            for epoch in range(3):
+                t0 = time.perf_counter()
+                for i, p in enumerate(paths):
+                    im = store_augment(load_rgb(str(p)), np.random.default_rng([0, epoch, i]), size=at_size)
+                    to_tensor(im, size)
+                best = min(best, (time.perf_counter() - t0) / len(paths) * 1e3)
+            print(f"{label}: {best:.2f} ms", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
@@ -80,7 +109,11 @@ def main():
     ap.add_argument("--configs", default="all", help="comma-separated row numbers (0-based) of CONFIGS to run")
     ap.add_argument("--fold", action="store_true", help="the progressive job's training, with and without TrainingFold")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="with --fold: fp32 or bf16 autocast (channels_last both)")
+    ap.add_argument("--photos", type=int, default=0, help="time the preparation of this many real photos instead")
+    ap.add_argument("--photo-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared/datasets/grocerystore/train"))
     args = ap.parse_args()
+    if args.photos:
+        return photo_preparation(Path(args.photo_dir), args.photos)
     kept = keep_freed_memory()  # as training does; NTSNET_KEEP_MALLOC=0 measures glibc's default
     print(f"glibc keeps freed memory: {kept}")
     print(f"{args.backbone}, batch {args.batch_size}, {torch.get_num_threads()} threads; training images/s (forward + backward + SGD step)\n")

@@ -257,6 +257,25 @@ def test_store_augment_without_degrading_keeps_photos_lit_sharp_and_large():
     assert min(np.asarray(v, dtype=np.float32).mean() for v in full) < 0.3 * base
 
 
+def test_store_augment_at_the_training_size_gives_the_same_kinds_of_views():
+    """With ``size`` the framed photo is resized first (less work); views are then size x size, or a tiny image
+    of 40-110 px as before, and blur, darkness and tiny images still occur."""
+    from PIL import Image
+
+    from training.data import PhotoDataset, store_augment
+
+    yy, xx = np.mgrid[0:300, 0:400]
+    photo = Image.fromarray(np.stack([((xx // 8 + yy // 8) % 2 * 200 + 30).astype(np.uint8)] * 3, axis=-1))
+    views = [store_augment(photo, np.random.default_rng(seed), size=64) for seed in range(80)]
+    big = [v for v in views if v.size == (64, 64)]
+    tiny = [v for v in views if v.size != (64, 64)]
+    assert len(big) > 40 and tiny and all(40 <= max(v.size) < 64 for v in tiny)
+    lo = [np.asarray(v, dtype=np.float32).mean() for v in big]
+    assert min(lo) < 0.5 * np.median(lo)  # dark shelves
+    sharp = [np.abs(np.diff(np.asarray(v.convert("L"), dtype=np.float32), axis=1)).max() for v in big]
+    assert min(sharp) < 0.5 * max(sharp)  # blurred ones
+
+
 @pytest.mark.parametrize("flags, chosen", [("avx512f avx512_bf16", "fp32"), ("avx512f avx512_bf16 amx_bf16 amx_tile", "bf16"), ("avx2", "fp32")])
 def test_training_takes_bf16_on_a_cpu_only_with_amx(monkeypatch, flags, chosen):
     import training.train as train_module

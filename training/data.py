@@ -94,9 +94,9 @@ def store_augment(im: Image.Image, rng: np.random.Generator, degrade: bool = Tru
     evaluation's store conditions (training/evaluate.py: 25% brightness, blur of 1.5% of the side, 80 px).
 
     ``size``: the framed photo is brought to size x size (as ``to_tensor`` would) before the rest, so rotation,
-    light, noise and blur work on the pixels the model gets rather than on the photo's: the same views (blur and
-    the tiny image are shares of the side) for about half the work; stages 2-3 prepare photos on the cores that
-    train, so this is training time (``python benchmarks/train_throughput.py --photos``).
+    light, noise and blur work on the pixels the model gets rather than on the photo's: the same views (blur is a
+    share of the side, the tiny image a number of pixels) for two thirds of the work; stages 2-3 prepare photos on the cores that
+    train, so this is training time (``python benchmarks/train_throughput.py --photos 264``).
 
     ``degrade=False``: framing, flip and light/colour only, for a head fitted on frozen features (stage 1). Those
     features cannot learn to see through darkness, blur or a tiny image, so such views only add noise to the head:

@@ -290,8 +290,8 @@ def at_input_size(model, size: int, answer: str | None = None):
 def choose_test_size(model, arrays, labels, log=print, evaluate=None) -> tuple[torch.nn.Module, float, list[float], dict]:
     """The input size (of ``candidate_sizes``) and, for NTS-Net, the answer (the Scrutinizer alone or all heads) at
     which the model recognises the validation photos best, clean and in the store conditions of the evaluation
-    (dark, blurry, low-res; their mean accuracy decides, ties go to the smaller, faster size and to the paper's
-    Scrutinizer). ``evaluate(model, arrays, labels)`` -> {answer: (accuracy, scores)}, one pass for all answers.
+    (dark, blurry, low-res; their mean accuracy decides; on a tie, the better clean accuracy, then the smaller, faster
+    size and the paper's Scrutinizer). ``evaluate(model, arrays, labels)`` -> {answer: (accuracy, scores)}, one pass for all answers.
     Returns the model at that size and answer, its clean accuracy and scores, and every candidate's figures."""
     from .evaluate import CONDITIONS, apply_condition
 
@@ -306,7 +306,8 @@ def choose_test_size(model, arrays, labels, log=print, evaluate=None) -> tuple[t
             mean = float(np.mean(list(accs.values())))
             key = str(size) if answer == "scrutinizer" else f"{size} {answer}"
             table[key] = {**{c: round(a, 5) for c, a in accs.items()}, "mean": round(mean, 5)}
-            if best is None or mean > best[4] + 1e-9:
+            tied = best is not None and abs(mean - best[4]) <= 1e-9
+            if best is None or mean > best[4] + 1e-9 or (tied and accs["clean"] > best[2] + 1e-9):
                 best = (key, (size, answer), accs["clean"], results["clean"][answer][1], mean)
     label = lambda key: key.replace(" ", " px, ", 1) if " " in key else key + " px"  # noqa: E731  "256 all-heads" -> "256 px, all-heads"
     log("test sizes: " + "; ".join(f"{label(k)} {r['clean']:.1%} clean, {r['mean']:.1%} mean of conditions" for k, r in table.items())
