@@ -7,12 +7,15 @@ uses on a CPU now), and bf16 autocast + channels_last where the CPU does bf16 in
     python benchmarks/train_throughput.py --photos 264 [--photo-dir ../shared/datasets/grocerystore/train]
 
 ``--photos``: milliseconds to prepare one store-augmented training photo (decode, augment, tensor) on one core,
-with the augmentation at the photo's own pixels (before 2026-11-29) and at the training size (now).
+with the augmentation at the photo's own pixels (as before 2026-11-29) and at the training size (now); both arms
+draw the dark-shelf noise in float32, which is also new.
 
 ``--fold``: as the progressive job trains (channels_last, BatchNorm on its running statistics, layers to stride 8
-frozen), with and without BatchNorm folded into the convs (ntsnet/fuse.py: TrainingFold), alternated twice.
+frozen), with and without BatchNorm folded into the convs (ntsnet/fuse.py: TrainingFold), alternated twice. Where
+``--photo-dir`` has photos, it trains the pretrained backbone on 6 store-augmented batches of them (what the job
+does); otherwise on random data with random weights.
 
-Random data, real model and optimizer step (Lite0 weights are offline, so this runs anywhere).
+Otherwise random data, real model and optimizer step (Lite0 weights are offline, so this runs anywhere).
 """
 from __future__ import annotations
 
@@ -40,11 +43,11 @@ CONFIGS = [
 ]
 
 
-def measure(model_kind, size, part, m, k, precision, steps, bs, backbone, fold=None):
+def measure(model_kind, size, part, m, k, precision, steps, bs, backbone, fold=None, photos=None):
     """``fold``: None, the plain recipe (BatchNorm on batch statistics, every layer trained); False / True: as the
-    progressive job trains, without / with TrainingFold."""
+    progressive job trains, without / with TrainingFold. ``photos``: real photo paths to train on (pretrained)."""
     cfg = NTSConfig(model=model_kind, backbone=backbone, num_classes=81, input_size=size, part_size=part, proposal_num=m, cat_num=k)
-    model = create_model(cfg, pretrained=False).train()
+    model = create_model(cfg, pretrained=bool(photos)).train()
     fast = precision == "bf16"
     nhwc = precision in ("bf16", "fp32-cl")
     if nhwc:
@@ -58,13 +61,20 @@ def measure(model_kind, size, part, m, k, precision, steps, bs, backbone, fold=N
         if fold:
             folding = TrainingFold(model.backbone, torch.randn(1, 3, 64, 64))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    x = torch.randn(bs, 3, size, size)
-    if nhwc:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 81, (bs,))
+    if photos:  # prepared before timing: this measures the training step, not the photo preparation
+        from training.data import PhotoDataset, collate
+
+        ds = PhotoDataset([{"path": str(p), "label": i % 81} for i, p in enumerate(photos[:6 * bs])], size, train=True,
+                          mean=model.mean, std=model.std, augment="store")
+        batches = [collate([ds[j] for j in range(i, i + bs)])[:2] for i in range(0, len(ds) - bs + 1, bs)]
+    else:
+        batches = [(torch.randn(bs, 3, size, size), torch.randint(0, 81, (bs,)))]
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if fast else contextlib.nullcontext
     times = []
     for i in range(steps + 1):
+        x, y = batches[i % len(batches)]
+        if nhwc:
+            x = x.contiguous(memory_format=torch.channels_last)
         t0 = time.perf_counter()
         with ctx(), folding:
             out = model(x)
@@ -125,13 +135,16 @@ def main():
     rows = CONFIGS if args.configs == "all" else [CONFIGS[int(i)] for i in args.configs.split(",")]
     if args.fold:
         precision = "bf16" if args.precision == "bf16" else "fp32-cl"
-        print(f"as the progressive job trains ({args.precision}, channels_last, BatchNorm on running statistics, stride <= 8 frozen)")
+        photos = sorted(Path(args.photo_dir).rglob("*.jpg"))
+        photos = photos[:: max(1, len(photos) // (6 * args.batch_size))] or None
+        data = f"{len(photos)} store-augmented photos from {args.photo_dir}, pretrained" if photos else "random data, random weights"
+        print(f"as the progressive job trains ({args.precision}, channels_last, BatchNorm on running statistics, stride <= 8 frozen); {data}")
         print("| model | input | parts | plain img/s | TrainingFold img/s | speed-up |")
         print("|---|---|---|---|---|---|")
         for kind, size, part, m, k in rows:
             runs = {False: [], True: []}
             for fold in (False, True, False, True):
-                runs[fold].append(measure(kind, size, part, m, k, precision, args.steps, args.batch_size, args.backbone, fold))
+                runs[fold].append(measure(kind, size, part, m, k, precision, args.steps, args.batch_size, args.backbone, fold, photos))
             a, b = (sorted(runs[f])[-1] for f in (False, True))  # the better of two: the other one met a slow moment
             parts = f"M={m} x {part}px" if kind == "ntsnet" else "-"
             print(f"| {kind} | {size} | {parts} | {a:.1f} | {b:.1f} | {b / a:.2f}x |", flush=True)
