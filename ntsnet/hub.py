@@ -50,6 +50,12 @@ def download(repo_id: str, revision: str | None = None, cache_dir=None, token=No
         raise HubError(f"could not download {repo_id!r}: {str(exc).splitlines()[0]}") from None
 
 
+def _interval(evaluation: dict) -> str:
+    """' (95% interval 78.4-86.9%)' when the evaluation has one: what the number of test photos allows one to claim."""
+    low_high = evaluation.get("accuracy_interval")
+    return f" (95% interval {low_high[0]:.1%}-{low_high[1]:.1%})" if low_high else ""
+
+
 def model_card(checkpoint, repo_id: str, evaluation: dict | None = None) -> str:
     ckpt = load_checkpoint(checkpoint)
     cfg, extra = ckpt.config, ckpt.extra
@@ -72,7 +78,7 @@ def model_card(checkpoint, repo_id: str, evaluation: dict | None = None) -> str:
     lines.append("")
     if evaluation:
         lines += [f"## Measured accuracy ({evaluation.get('split', 'test')} split, {evaluation['n']} photos)", "",
-                  f"Top-1 **{evaluation['accuracy']:.1%}**, top-5 {evaluation['top5']:.1%}.", "",
+                  f"Top-1 **{evaluation['accuracy']:.1%}**{_interval(evaluation)}, top-5 {evaluation['top5']:.1%}.", "",
                   "| condition | accuracy | photos |", "|---|---|---|"]
         for name, r in evaluation.get("conditions", {}).items():
             lines.append(f"| {name} | {r['accuracy']:.1%} | {r['n']} |")

@@ -120,6 +120,9 @@ def test_card_includes_the_measured_condition_table(tiny_checkpoint):
           "tags": {"side": {"n": 10, "accuracy": 0.7}}}
     card = model_card(tiny_checkpoint, "shop/shelf", ev)
     assert "| dark | 50.0% | 30 |" in card and "| tag: side | 70.0% | 10 |" in card and "Top-1 **90.0%**" in card
+    assert "interval" not in card  # an evaluation from before intervals were recorded
+    card = model_card(tiny_checkpoint, "shop/shelf", {**ev, "accuracy_interval": [0.7438, 0.9654]})
+    assert "Top-1 **90.0%** (95% interval 74.4%-96.5%)" in card
 
 
 def test_a_damaged_checkpoint_is_never_pushed(tmp_path):

@@ -15,7 +15,7 @@ from synthetic import make_dataset
 from dataset_tools import Catalogue, assign_splits
 from training import jobs
 from training.data import DataError, take_snapshot
-from training.evaluate import apply_condition, blur, compute_metrics, evaluate
+from training.evaluate import apply_condition, blur, compute_metrics, evaluate, format_report, wilson_interval
 from training.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +127,23 @@ def test_evaluation_numbers_on_a_hand_made_case():
     assert {(p["true"], p["predicted"], p["count"]) for p in m["most_confused"]} == {("a", "b", 1), ("b", "a", 1), ("c", "b", 1)}
     m2 = compute_metrics([0, 1], [1, 0], [[1], [0]], ["a", "b"])
     assert m2["top5"] == 0.0  # the true class is not among a 1-long top list
+
+
+def test_accuracy_comes_with_the_interval_its_photos_allow():
+    # Wilson's 95% interval, checked against published values (Newcombe 1998: 5/10 -> 0.2366-0.7634, 0/10 -> 0-0.2775)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    low, high = wilson_interval(0, 0)
+    assert np.isnan(low) and np.isnan(high)
+    # more photos, a narrower interval around the same accuracy
+    small, large = wilson_interval(25, 30), wilson_interval(250, 300)
+    assert small[0] < large[0] < 25 / 30 < large[1] < small[1]
+    m = compute_metrics([0, 0, 1, 1], [0, 1, 1, 1], [[0], [1], [1], [1]], ["a", "b"])
+    assert m["accuracy_interval"] == wilson_interval(3, 4)
+    report = {"n": 4, "split": "val", "accuracy": 0.75, "top5": 0.75, "accuracy_interval": m["accuracy_interval"],
+              "conditions": {}, "most_confused": [], "per_class": m["per_class"]}
+    assert f"top-1 75.0% (95% interval {m['accuracy_interval'][0]:.1%}-{m['accuracy_interval'][1]:.1%})" in format_report(report)
 
 
 def test_store_conditions():
