@@ -144,6 +144,7 @@ def test_accuracy_comes_with_the_interval_its_photos_allow():
     report = {"n": 4, "split": "val", "accuracy": 0.75, "top5": 0.75, "accuracy_interval": m["accuracy_interval"],
               "conditions": {}, "most_confused": [], "per_class": m["per_class"]}
     assert f"top-1 75.0% (95% interval {m['accuracy_interval'][0]:.1%}-{m['accuracy_interval'][1]:.1%})" in format_report(report)
+    assert "interval" not in format_report({k: v for k, v in report.items() if k != "accuracy_interval"})  # an older report
 
 
 def test_store_conditions():

@@ -74,10 +74,11 @@ def compute_metrics(y_true, y_pred, top5, class_names) -> dict:
     for t, p in zip(y_true, y_pred):
         if t != p:
             pairs[(class_names[t], class_names[p])] += 1
+    correct = int((y_true == y_pred).sum())
     return {
         "n": n,
-        "accuracy": float((y_true == y_pred).mean()) if n else float("nan"),
-        "accuracy_interval": wilson_interval(int((y_true == y_pred).sum()), n),
+        "accuracy": correct / n if n else float("nan"),
+        "accuracy_interval": wilson_interval(correct, n),
         "top5": float(np.mean([t in set(k[:5]) for t, k in zip(y_true, top5)])) if n else float("nan"),
         "per_class": per_class,
         "confusion": confusion.tolist(),
@@ -231,9 +232,9 @@ def plot_confusion(confusion, names, path: Path):
 
 
 def format_report(report: dict) -> str:
-    low, high = report.get("accuracy_interval") or (float("nan"), float("nan"))
-    lines = [f"{report['n']} photos ({report['split']} split): top-1 {report['accuracy']:.1%} (95% interval {low:.1%}-{high:.1%}), "
-             f"top-5 {report['top5']:.1%}"]
+    interval = report.get("accuracy_interval")  # absent from reports written before it was recorded
+    interval = f" (95% interval {interval[0]:.1%}-{interval[1]:.1%})" if interval else ""
+    lines = [f"{report['n']} photos ({report['split']} split): top-1 {report['accuracy']:.1%}{interval}, top-5 {report['top5']:.1%}"]
     lines.append("condition   accuracy")
     for c, r in report["conditions"].items():
         lines.append(f"  {c:<9} {r['accuracy']:.1%}  (n={r['n']})")
