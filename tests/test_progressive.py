@@ -3,6 +3,8 @@ import json
 import time
 
 import numpy as np
+import math
+
 import pytest
 import torch
 
@@ -335,6 +337,8 @@ def test_a_stage_that_never_beat_its_start_is_not_proposed(tmp_path, monkeypatch
     (["--epochs", "3"], "--epochs belongs to the paper's recipe"),
     (["--freeze-stride", "-8"], "--freeze-stride must be 0"),
     (["--ema-share", "-0.1"], "--ema-share must be 0"),
+    (["--cutmix", "1.5"], "--cutmix is the share"),
+    (["--recipe", "paper", "--cutmix", "0.5"], "--cutmix belongs to the default recipe"),
     (["--recipe", "paper", "--ema-share", "0"], "--ema-share belongs to the default recipe"),
     (["--stages", "ntsnet,linear"], "--stages must be"),
 ])
@@ -541,3 +545,23 @@ def test_nts_net_is_judged_on_its_best_answer_while_it_trains(tmp_path, monkeypa
                                                  progressive._load_arrays(snap.val), lambda *a: None, head_lr_mult=1.0)
     assert trained and acc > 0.5 and rows[-1]["val_acc"] == round(acc, 5)
     assert not all(torch.equal(model.state_dict()[k], start[k]) for k in start)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_stage_two_mixes_the_share_of_batches_it_is_asked_to(tmp_path, monkeypatch, share):
+    """--cutmix 1 mixes every batch, and the loss is the area-weighted loss of both products; 0 mixes none."""
+    from training import progressive
+
+    mixes, real_cutmix = [], progressive.cutmix
+    monkeypatch.setattr(progressive, "cutmix", lambda x, y, rng: mixes.append(len(y)) or real_cutmix(x, y, rng))
+    cat = small_catalogue(tmp_path / "cat", n_per_class=8)
+    snap = progressive.take_snapshot(cat.root)
+    cfg = ProgressiveConfig(backbone="tiny", batch_size=4, workers=0, freeze_stride=0, lr=0.05, ema_share=0)
+    model = create_model(NTSConfig(model="baseline", backbone="tiny", num_classes=2, input_size=64, cat_num=0, proposal_num=1),
+                         pretrained=False)
+    loss_fn = lambda out, y: progressive.nts_loss(out, y, model.config)  # noqa: E731
+    _, _, rows, _ = progressive._fit(model, loss_fn, snap.train, 64, cfg, 1.0, torch.device("cpu"),
+                                     progressive.contextlib.nullcontext, False, lambda **kw: None, "finetune",
+                                     progressive._load_arrays(snap.val), lambda *a: None, cutmix_share=share)
+    assert rows and all(math.isfinite(r["total"]) for r in rows)
+    assert (len(mixes) > 0) == (share > 0)
