@@ -1,10 +1,9 @@
 """The progressive Train job: stage hand-offs keep predictions, the active model only ever gets better."""
 import json
+import math
 import time
 
 import numpy as np
-import math
-
 import pytest
 import torch
 
@@ -549,7 +548,7 @@ def test_nts_net_is_judged_on_its_best_answer_while_it_trains(tmp_path, monkeypa
 
 @pytest.mark.parametrize("share", [0.0, 1.0])
 def test_stage_two_mixes_the_share_of_batches_it_is_asked_to(tmp_path, monkeypatch, share):
-    """--cutmix 1 mixes every batch, and the loss is the area-weighted loss of both products; 0 mixes none."""
+    """--cutmix 1 mixes batches and still trains to finite losses; 0 mixes none (the mixing itself: test_cutmix.py)."""
     from training import progressive
 
     mixes, real_cutmix = [], progressive.cutmix

@@ -11,7 +11,8 @@ answers in Recognise only ever gets better.
 2. finetune (minutes): the network end to end at a small input size, from stage 1's head; warm-up then
             cosine schedule over the time budget, 10x learning rate for the head, label smoothing, store
             augmentation (training/data.py: framing, rotation, perspective, light, darkness, blur, tiny images),
-            half of the batches mixed with CutMix (training/cutmix.py). On a CPU the layers up to stride 8 stay frozen: about twice the photos per minute.
+            half of the batches mixed with CutMix (training/cutmix.py). On a CPU the layers up to stride 8 stay
+            frozen: about twice the photos per minute.
 3. ntsnet:  NTS-Net warm-started from stage 2 so its first prediction equals stage 2's at the same input size
             (Teacher head and the whole-image slice of the Scrutinizer take the fine-tuned head, the part slices
             start at zero), then trained with L_I + L_S + L_C. 448/224 px on a GPU, the stage-2 size on a CPU.
@@ -75,7 +76,7 @@ class ProgressiveConfig:
     head_lr_mult: float = 10.0
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
-    cutmix: float = 0.5                # stage 2: share of batches mixed with CutMix (training/cutmix.py; 85.5% vs 83.1-84.5%)
+    cutmix: float = 0.5                # stage 2: share of batches mixed with CutMix (training/cutmix.py; full set 85.5/86.5% vs 83.1-84.5%)
     ema_share: float = 0.1             # stages 2-3 are judged on a moving average of their weights with this time constant
                                        # (a share of the stage's seconds); 0: the raw weights
     finetune_share: float = 0.45       # of the time left after stage 1; NTS-Net gets the rest (stage 2 plateaus: 27 epochs gained 0.7 points over 14)
