@@ -337,6 +337,7 @@ def test_a_stage_that_never_beat_its_start_is_not_proposed(tmp_path, monkeypatch
     (["--freeze-stride", "-8"], "--freeze-stride must be 0"),
     (["--ema-share", "-0.1"], "--ema-share must be 0"),
     (["--cutmix", "1.5"], "--cutmix is the share"),
+    (["--ntsnet-cutmix", "-0.1"], "--ntsnet-cutmix is the share"),
     (["--recipe", "paper", "--cutmix", "0.5"], "--cutmix belongs to the default recipe"),
     (["--recipe", "paper", "--ema-share", "0"], "--ema-share belongs to the default recipe"),
     (["--stages", "ntsnet,linear"], "--stages must be"),
@@ -546,21 +547,22 @@ def test_nts_net_is_judged_on_its_best_answer_while_it_trains(tmp_path, monkeypa
     assert not all(torch.equal(model.state_dict()[k], start[k]) for k in start)
 
 
-@pytest.mark.parametrize("share", [0.0, 1.0])
-def test_stage_two_mixes_the_share_of_batches_it_is_asked_to(tmp_path, monkeypatch, share):
-    """--cutmix 1 mixes batches and still trains to finite losses; 0 mixes none (the mixing itself: test_cutmix.py)."""
+@pytest.mark.parametrize("shares", [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)])
+def test_each_stage_mixes_the_share_of_batches_it_is_asked_to(tmp_path, monkeypatch, shares):
+    """--cutmix 1 mixes the classifier's batches, --ntsnet-cutmix 1 NTS-Net's, which still trains to finite losses (every
+    term of its loss, the Navigator's ranking included); 0 mixes none (the mixing itself: test_cutmix.py)."""
     from training import progressive
 
-    mixes, real_cutmix = [], progressive.cutmix
-    monkeypatch.setattr(progressive, "cutmix", lambda x, y, rng: mixes.append(len(y)) or real_cutmix(x, y, rng))
+    stage, mixes, real_fit, real_cutmix = [None], [], progressive._fit, progressive.cutmix
+    monkeypatch.setattr(progressive, "_fit", lambda *a, **k: stage.__setitem__(0, a[10]) or real_fit(*a, **k))
+    monkeypatch.setattr(progressive, "cutmix", lambda x, y, rng: mixes.append(stage[0]) or real_cutmix(x, y, rng))
     cat = small_catalogue(tmp_path / "cat", n_per_class=8)
-    snap = progressive.take_snapshot(cat.root)
-    cfg = ProgressiveConfig(backbone="tiny", batch_size=4, workers=0, freeze_stride=0, lr=0.05, ema_share=0)
-    model = create_model(NTSConfig(model="baseline", backbone="tiny", num_classes=2, input_size=64, cat_num=0, proposal_num=1),
-                         pretrained=False)
-    loss_fn = lambda out, y: progressive.nts_loss(out, y, model.config)  # noqa: E731
-    _, _, rows, _ = progressive._fit(model, loss_fn, snap.train, 64, cfg, 1.0, torch.device("cpu"),
-                                     progressive.contextlib.nullcontext, False, lambda **kw: None, "finetune",
-                                     progressive._load_arrays(snap.val), lambda *a: None, cutmix_share=share)
-    assert rows and all(math.isfinite(r["total"]) for r in rows)
-    assert (len(mixes) > 0) == (share > 0)
+    cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.4,
+                            stages="finetune,ntsnet", input_size=64, batch_size=4, workers=0, precision="fp32", lr=0.05,
+                            activate=False, refit="off", cutmix=shares[0], ntsnet_cutmix=shares[1])
+    train_progressive(cfg, log=lambda *a: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if r.get("total") is not None]
+    assert {r["stage"] for r in trained} == {"finetune", "ntsnet"}
+    assert all(math.isfinite(r[k]) for r in trained for k in ("total", "L_I", "L_S", "L_C"))
+    assert set(mixes) == {s for s, share in zip(("finetune", "ntsnet"), shares) if share}

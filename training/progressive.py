@@ -76,7 +76,8 @@ class ProgressiveConfig:
     head_lr_mult: float = 10.0
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
-    cutmix: float = 0.5                # stage 2: share of batches mixed with CutMix (training/cutmix.py; full set 85.5/86.5% vs 83.1-84.5%)
+    cutmix: float = 0.5                # stage 2: share of batches mixed with CutMix (training/cutmix.py; full set 85.5/86.5/84.5% vs 83.1-84.5%)
+    ntsnet_cutmix: float = 0.0         # stage 3's share: 0.5 read blurred photos better, clean ones worse (README, 2026-11-29 18:16)
     ema_share: float = 0.1             # stages 2-3 are judged on a moving average of their weights with this time constant
                                        # (a share of the stage's seconds); 0: the raw weights
     finetune_share: float = 0.45       # of the time left after stage 1; NTS-Net gets the rest (stage 2 plateaus: 27 epochs gained 0.7 points over 14)
@@ -488,8 +489,9 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     stages = [s.strip() for s in cfg.stages.split(",") if s.strip()]
     if not stages or any(s not in STAGES for s in stages) or stages != [s for s in STAGES if s in stages]:
         raise DataError(f"--stages must be a comma-separated, ordered subset of {','.join(STAGES)}")
-    if not 0 <= cfg.cutmix <= 1:
-        raise DataError(f"--cutmix is the share of stage 2's batches mixed, from 0 (none) to 1 (all); got {cfg.cutmix}")
+    for flag, share in (("--cutmix", cfg.cutmix), ("--ntsnet-cutmix", cfg.ntsnet_cutmix)):
+        if not 0 <= share <= 1:
+            raise DataError(f"{flag} is the share of the stage's batches mixed, from 0 (none) to 1 (all); got {share}")
     if not cfg.ema_share >= 0:
         raise DataError(f"--ema-share must be 0 (no averaging) or a positive share of a stage, such as 0.1; got {cfg.ema_share}")
     if cfg.refit not in ("auto", "on", "off"):
@@ -736,11 +738,11 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         # time kept for its test sizes: NTS-Net costs about twice the classifier (K parts at half the size)
         seconds = distributed.agree(max(0.0, left() * 0.9 - 2 * sizes_seconds), device)
         progress(stage="ntsnet", stage_seconds=round(seconds))
-        starts["ntsnet"] = (copy.deepcopy(model.state_dict()) if main else None, seconds, nts_cfg, 1.0, 0.0)
+        starts["ntsnet"] = (copy.deepcopy(model.state_dict()) if main else None, seconds, nts_cfg, 1.0, cfg.ntsnet_cutmix)
         loss_fn = lambda out, y: nts_loss(out, y, nts_cfg, label_smoothing=cfg.label_smoothing)  # noqa: E731
         # the heads continue stage 2's (not new layers); the Navigator at a high rate lets the ranking loss diverge
         model, acc, rows, trained = _fit(model, loss_fn, snap.train, size, cfg, seconds, device, autocast, stop, progress, "ntsnet",
-                                (val_arrays, val_labels), log, head_lr_mult=1.0)
+                                (val_arrays, val_labels), log, head_lr_mult=1.0, cutmix_share=cfg.ntsnet_cutmix)
         record(rows)
         model = model.cpu()
         if main:
