@@ -149,8 +149,8 @@ def build_parser():
                    help="progressive: share of stage 2's batches mixed with CutMix, a regulariser against learning the "
                         "training photos by heart (0.5; 0: none)")
     p.add_argument("--ntsnet-cutmix", type=float, default=None,
-                   help="progressive: share of stage 3's batches mixed with CutMix (0; 0.5 measured: blurred photos read "
-                        "better, sharp ones worse)")
+                   help="progressive: share of stage 3's batches mixed with CutMix (0; 0.5 in two clicks: once blurred photos "
+                        "read better and sharp ones worse, once both worse)")
     p.add_argument("--refit", choices=["auto", "on", "off"], default=None,
                    help="progressive: train the winning stage again on training + validation photos, kept only if at least as "
                         "accurate on the test photos (auto: catalogues with test photos and at most 1000 training + validation photos)")

@@ -77,7 +77,7 @@ class ProgressiveConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     cutmix: float = 0.5                # stage 2: share of batches mixed with CutMix (training/cutmix.py; full set 85.5/86.5/84.5% vs 83.1-84.5%)
-    ntsnet_cutmix: float = 0.0         # stage 3's share: 0.5 read blurred photos better, clean ones worse (README, 2026-11-29 18:16)
+    ntsnet_cutmix: float = 0.0         # stage 3's share: 0.5 was no better in two clicks (README, 2026-11-29 18:16 and 20:40)
     ema_share: float = 0.1             # stages 2-3 are judged on a moving average of their weights with this time constant
                                        # (a share of the stage's seconds); 0: the raw weights
     finetune_share: float = 0.45       # of the time left after stage 1; NTS-Net gets the rest (stage 2 plateaus: 27 epochs gained 0.7 points over 14)
