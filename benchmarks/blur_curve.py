@@ -1,11 +1,13 @@
 """How blurred may a photo be? Validation accuracy of one checkpoint against the strength of a Gaussian blur.
 
     python benchmarks/blur_curve.py --checkpoint RUN/stage3-ntsnet.safetensors --db CATALOGUE [--split val]
-                                    [--shares 0,0.25,0.5,0.75,1,1.5,2] [--plot blur_curve.png]
+                                    [--shares 0,0.25,0.5,0.75,1,1.5,2] [--sides 24,32,40,56,80] [--plot blur_curve.png]
 
 The evaluation's blurry condition (training/evaluate.py) is one point of this curve: sigma = 1.5% of the photo's
 longest side. The curve says up to which blur the model stays within 5 points of its clean accuracy, which one
-number cannot. Every photo is decoded once; each blur strength runs the same photos through the same predictor.
+number cannot. ``--sides``: the same photos shrunk to these longest sides (the low-res condition is 80 px), so the
+blur can be read as an image size: "as hard for this model as a 48-pixel photo". Every photo is decoded once; each
+point runs the same photos through the same predictor.
 """
 from __future__ import annotations
 
@@ -20,18 +22,40 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+def accuracy_curve(predictor, arrays, labels, degrade, points, batch_size: int = 16) -> list[dict]:
+    """Accuracy on ``degrade(photo, point)`` of every photo, for each point."""
+    rows = []
+    for point in points:
+        correct = 0
+        for start in range(0, len(arrays), batch_size):
+            preds = predictor.predict_batch([degrade(a, point) for a in arrays[start:start + batch_size]])
+            correct += sum(p.index == y for p, y in zip(preds, labels[start:start + batch_size]))
+        rows.append({"accuracy": correct / len(arrays), "n": len(arrays)})
+    return rows
+
+
 def blur_curve(predictor, arrays, labels, shares_percent, batch_size: int = 16) -> list[dict]:
     from training.evaluate import blur
 
-    rows = []
-    for pct in shares_percent:
-        correct = 0
-        for start in range(0, len(arrays), batch_size):
-            batch = [blur(a, pct / 100) for a in arrays[start:start + batch_size]]
-            preds = predictor.predict_batch(batch)
-            correct += sum(p.index == y for p, y in zip(preds, labels[start:start + batch_size]))
-        rows.append({"sigma_percent": pct, "accuracy": correct / len(arrays), "n": len(arrays)})
-    return rows
+    rows = accuracy_curve(predictor, arrays, labels, lambda a, pct: blur(a, pct / 100), shares_percent, batch_size)
+    return [{"sigma_percent": pct, **r} for pct, r in zip(shares_percent, rows)]
+
+
+def size_curve(predictor, arrays, labels, sides, batch_size: int = 16) -> list[dict]:
+    from training.evaluate import downscale
+
+    rows = accuracy_curve(predictor, arrays, labels, downscale, sides, batch_size)
+    return [{"side_px": side, **r} for side, r in zip(sides, rows)]
+
+
+def as_hard_as(accuracy: float, sizes: list[dict]) -> float | None:
+    """The image side (px) at which the size curve reads ``accuracy``, interpolated linearly between the two
+    measured sides around it; None when the accuracy lies outside the measured range."""
+    pts = sorted((r["side_px"], r["accuracy"]) for r in sizes)
+    for (s0, a0), (s1, a1) in zip(pts, pts[1:]):
+        if min(a0, a1) <= accuracy <= max(a0, a1):
+            return s0 if a1 == a0 else s0 + (accuracy - a0) * (s1 - s0) / (a1 - a0)
+    return None
 
 
 def plot(rows, path: Path, title: str):
@@ -68,6 +92,7 @@ def main():
     ap.add_argument("--db", required=True, help="the catalogue folder whose photos to read")
     ap.add_argument("--split", default="val")
     ap.add_argument("--shares", default="0,0.25,0.5,0.75,1,1.5,2", help="blur sigmas, %% of the longest side")
+    ap.add_argument("--sides", default="", help="also shrink the photos to these longest sides (px), e.g. 24,32,40,56,80")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--plot", default=None, help="write the curve as a PNG here")
     args = ap.parse_args()
@@ -85,10 +110,20 @@ def main():
     for r in rows:
         gap = f"  {100 * (r['accuracy'] - clean):+.1f}" if clean is not None else ""
         print(f"  {r['sigma_percent']:>15.2f}  {r['accuracy']:>8.1%}{gap}")
+    sizes = size_curve(predictor, arrays, labels, [int(v) for v in args.sides.split(",")]) if args.sides else []
+    if sizes:
+        print("longest side (px)  accuracy" + ("  vs clean" if clean is not None else ""))
+        for r in sizes:
+            gap = f"  {100 * (r['accuracy'] - clean):+.1f}" if clean is not None else ""
+            print(f"  {r['side_px']:>15d}  {r['accuracy']:>8.1%}{gap}")
+        for r in rows:
+            side = as_hard_as(r["accuracy"], sizes)
+            if r["sigma_percent"] > 0 and side is not None:
+                print(f"a blur of {r['sigma_percent']:g}% of the side is as hard for this model as a {side:.0f}-px photo")
     if args.plot:
         plot(rows, Path(args.plot), f"{Path(args.checkpoint).name}: accuracy vs blur ({len(arrays)} {args.split} photos)")
         print("plot:", args.plot)
-    print(json.dumps(rows))
+    print(json.dumps({"blur": rows, "sides": sizes}))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from synthetic import make_dataset
 from dataset_tools import Catalogue, assign_splits
 from training import jobs
 from training.data import DataError, take_snapshot
-from training.evaluate import apply_condition, blur, compute_metrics, evaluate, format_report, wilson_interval
+from training.evaluate import apply_condition, blur, compute_metrics, downscale, evaluate, format_report, wilson_interval
 from training.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +160,20 @@ def test_store_conditions():
     assert stds == sorted(stds, reverse=True) and np.array_equal(blur(img, 0.015), apply_condition(img, "blurry"))
 
 
+def test_blur_read_as_an_image_size():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("blur_curve", ROOT / "benchmarks" / "blur_curve.py")
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    rgb = np.zeros((300, 150, 3), np.uint8)
+    assert downscale(rgb, 40).shape[:2] == (40, 20) and downscale(rgb, 400) is rgb
+    assert np.array_equal(downscale(rgb, 80), apply_condition(rgb, "low-res"))
+    sizes = [{"side_px": 56, "accuracy": 0.78}, {"side_px": 24, "accuracy": 0.60}, {"side_px": 40, "accuracy": 0.70}]
+    assert curve.as_hard_as(0.74, sizes) == pytest.approx(48)  # between 40 px (70%) and 56 px (78%), unsorted input
+    assert curve.as_hard_as(0.60, sizes) == 24 and curve.as_hard_as(0.9, sizes) is None
+
+
 def test_evaluate_end_to_end(catalogue, tmp_path):
     train(tiny_config(catalogue, tmp_path / "run", epochs=3), log=lambda *a: None)
     report = evaluate(tmp_path / "run" / "best.safetensors", catalogue, split="test", out_dir=tmp_path / "rep", progress=False)
@@ -301,5 +315,5 @@ def test_training_takes_bf16_on_a_cpu_only_with_amx(monkeypatch, flags, chosen):
 
     # AVX512-BF16 without AMX (a Zen 4): inference is faster in bf16 there, training slower, so training stays fp32
     monkeypatch.setattr(train_module, "cpu_supports_fast_bf16", lambda training=False: cpu_supports_fast_bf16(f"flags : fpu {flags}", training))
-    assert train_module._choose_precision(torch.device("cpu"), "auto") == chosen
-    assert train_module._choose_precision(torch.device("cpu"), "bf16") == "bf16"  # asked for: given
+    assert train_module.choose_precision(torch.device("cpu"), "auto") == chosen
+    assert train_module.choose_precision(torch.device("cpu"), "bf16") == "bf16"  # asked for: given

@@ -20,6 +20,7 @@ from dataset_tools import Catalogue
 from .data import DataError, load_rgb
 
 CONDITIONS = ("clean", "dark", "blurry", "low-res")
+LOW_RES_SIDE = 80   # the low-res condition: longest side in pixels
 BLUR_SHARE = 0.015  # the blurry condition's Gaussian sigma, as a share of the photo's longest side
 
 
@@ -30,6 +31,15 @@ def blur(rgb: np.ndarray, share: float = BLUR_SHARE) -> np.ndarray:
     return cv2.GaussianBlur(rgb, (0, 0), sigmaX=share * max(rgb.shape[:2]))
 
 
+def downscale(rgb: np.ndarray, side: int = LOW_RES_SIDE) -> np.ndarray:
+    """The photo with its longest side brought down to ``side`` pixels (a photo already that small is left alone)."""
+    h, w = rgb.shape[:2]
+    scale = side / max(h, w)
+    if scale >= 1:
+        return rgb
+    return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
 def apply_condition(rgb: np.ndarray, condition: str) -> np.ndarray:
     if condition == "clean":
         return rgb
@@ -38,11 +48,7 @@ def apply_condition(rgb: np.ndarray, condition: str) -> np.ndarray:
     if condition == "blurry":
         return blur(rgb)
     if condition == "low-res":
-        h, w = rgb.shape[:2]
-        scale = 80.0 / max(h, w)
-        if scale >= 1:
-            return rgb
-        return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        return downscale(rgb, LOW_RES_SIDE)
     raise ValueError(f"unknown condition {condition!r}")
 
 

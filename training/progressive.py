@@ -55,6 +55,7 @@ from . import active, distributed
 from .cutmix import cutmix, mixed_losses
 from .data import DataError, PhotoDataset, Snapshot, collate, load_rgb, take_snapshot
 from .openset import threshold_record
+from .train import choose_precision
 
 STAGES = ("linear", "finetune", "ntsnet")
 
@@ -509,7 +510,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     stop = _Stop(run_dir)
     if device.type == "cpu":
         keep_freed_memory()
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    precision = choose_precision(device, cfg.precision)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     snap_path = run_dir / "snapshot.json"
     if main:
