@@ -50,7 +50,8 @@ def size_curve(predictor, arrays, labels, sides, batch_size: int = 16) -> list[d
 
 def as_hard_as(accuracy: float, sizes: list[dict]) -> float | None:
     """The image side (px) at which the size curve reads ``accuracy``, interpolated linearly between the two
-    measured sides around it; None when the accuracy lies outside the measured range."""
+    measured sides around it (the smallest such side where 296 photos make the curve wobble); None when the accuracy
+    lies outside the measured range."""
     pts = sorted((r["side_px"], r["accuracy"]) for r in sizes)
     for (s0, a0), (s1, a1) in zip(pts, pts[1:]):
         if min(a0, a1) <= accuracy <= max(a0, a1):
