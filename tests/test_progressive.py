@@ -315,7 +315,7 @@ def test_the_job_trains_in_fp32_on_a_cpu_unless_asked_for_bf16(tmp_path, monkeyp
     import training.train as train_module
     from ntsnet.checkpoint import load_checkpoint
 
-    # a Train click asks for "auto": even with AMX the job's Lite0 trained slower in bf16 (README, "bf16 on AMX")
+    # a Train click asks for "auto": even with AMX the job's Lite0 trained slower in bf16 (README, "Precision")
     monkeypatch.setattr(train_module, "cpu_supports_fast_bf16", lambda training=False: amx and training)
     cat = small_catalogue(tmp_path / "cat", n_per_class=6)
     cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.1,
