@@ -513,7 +513,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     # "auto" on a CPU means fp32 even with AMX: this job's training (Lite0 at 224 px, layers to stride 8 frozen, BatchNorm
     # folded) ran slower in bf16 on a 2-core Sapphire Rapids, 22.3-23.3 against 24.5 images/s for the classifier and
     # 7.8-8.0 against 10.0 for NTS-Net 224/112 (benchmarks/train_throughput.py --fold --batch-size 16 --configs 0,4)
-    precision = "fp32" if device.type == "cpu" and cfg.precision == "auto" else choose_precision(device, cfg.precision)
+    precision = choose_precision(device, cfg.precision, bf16_on_cpu=False)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     snap_path = run_dir / "snapshot.json"
     if main:

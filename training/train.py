@@ -70,14 +70,14 @@ class RunState:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def choose_precision(device: torch.device, requested: str) -> str:
-    """Training precision for "auto": bf16 on a GPU that has it and on a CPU with AMX (elsewhere bf16 trains slower
-    than fp32, see ``cpu_supports_fast_bf16``), fp32 otherwise."""
+def choose_precision(device: torch.device, requested: str, bf16_on_cpu: bool = True) -> str:
+    """Training precision for "auto": bf16 on a GPU that has it and, with ``bf16_on_cpu``, on a CPU with AMX
+    (elsewhere bf16 trains slower than fp32, see ``cpu_supports_fast_bf16``), fp32 otherwise."""
     if requested != "auto":
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu" and cpu_supports_fast_bf16(training=True):
+    if device.type == "cpu" and bf16_on_cpu and cpu_supports_fast_bf16(training=True):
         return "bf16"
     return "fp32"
 
