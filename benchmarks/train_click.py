@@ -82,6 +82,7 @@ def main():
     ap.add_argument("--freeze-stride", type=int, default=None, help="passed to the job (default: the job's own, 8 on a CPU)")
     ap.add_argument("--cutmix", type=float, default=None, help="passed to the job: share of stage 2's batches mixed with CutMix")
     ap.add_argument("--ntsnet-cutmix", type=float, default=None, help="passed to the job: share of stage 3's batches mixed")
+    ap.add_argument("--finetune-share", type=float, default=None, help="passed to the job: stage 2's share of the time after stage 1")
     ap.add_argument("--backbone", default="efficientnet_lite0", help="the Train tab's backbone choice (default: its default)")
     args = ap.parse_args()
     if not DATA.exists():
@@ -95,11 +96,11 @@ def main():
     print(f"catalogue: {n_products} {args.coarse} products, {n_train} training photos, {n_val} validation photos")
     studio = Studio(cat.root)
     t0 = time.time()
-    plain = args.precision == "auto" and args.freeze_stride is None and args.cutmix is None and args.ntsnet_cutmix is None
+    varied = {k: getattr(args, k) for k in ("freeze_stride", "cutmix", "ntsnet_cutmix", "finetune_share") if getattr(args, k) is not None}
+    plain = args.precision == "auto" and not varied
     run = studio.start_training(backbone=args.backbone, max_minutes=args.max_minutes) if plain else None
     if run is None:  # the same click, with the precision forced (a bf16 CPU measured as an fp32 one) or a setting varied
-        run = jobs.start(cat.root, backbone=args.backbone, max_minutes=args.max_minutes, precision=args.precision,
-                         freeze_stride=args.freeze_stride, cutmix=args.cutmix, ntsnet_cutmix=args.ntsnet_cutmix)
+        run = jobs.start(cat.root, backbone=args.backbone, max_minutes=args.max_minutes, precision=args.precision, **varied)
     switches, seen = [], None
     while True:
         cur = active.read(cat.root)

@@ -9,7 +9,7 @@ import torch
 
 from synthetic import make_dataset
 from dataset_tools import Catalogue, assign_splits
-from ntsnet import NTSConfig, Predictor, answer_probabilities, create_model, load_checkpoint
+from ntsnet import NTSConfig, Predictor, answer_probabilities, create_model, load_checkpoint, nts_loss
 from ntsnet.images import to_input_tensor
 from training import active, jobs
 from training.openset import threshold_record as unknown_threshold
@@ -310,6 +310,25 @@ def test_finetune_keeps_the_early_layers_frozen_and_trains_the_rest(tmp_path, mo
         assert not torch.equal(tuned["backbone." + name], start[name]), name
 
 
+@pytest.mark.parametrize("min_steps", [0, 12])
+def test_a_spent_budget_still_gets_the_minimum_of_optimiser_steps_in_stages_2_and_3(tmp_path, monkeypatch, min_steps):
+    """A busy or slow machine must not turn a click into a skipped stage 2 or 3: with the budget already spent,
+    each end-to-end stage takes exactly its minimum of steps; with no minimum (0) they are skipped, as before."""
+    import training.progressive as prog
+
+    losses = []  # one loss per optimiser step (no CutMix: a mixed batch computes two)
+    monkeypatch.setattr(prog, "nts_loss", lambda out, y, config, **k: losses.append(config.model) or nts_loss(out, y, config, **k))
+    cat = small_catalogue(tmp_path / "cat", n_per_class=6)
+    cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.0001,
+                            min_steps=min_steps, stages="finetune,ntsnet", input_size=64, cat_num=2, proposal_num=3, batch_size=4,
+                            workers=0, precision="fp32", cutmix=0.0, refit="off", activate=False)
+    lines = []
+    summary = train_progressive(cfg, log=lines.append)
+    assert [r["stage"] for r in summary["results"]] == (["finetune", "ntsnet"] if min_steps else [])
+    assert losses == ["baseline"] * min_steps + ["ntsnet"] * min_steps
+    assert sum("minimum of 12 optimiser steps took" in line for line in lines) == (2 if min_steps else 0)
+
+
 @pytest.mark.parametrize("amx, asked, chosen", [(True, "auto", "fp32"), (False, "auto", "fp32"), (True, "bf16", "bf16")])
 def test_the_job_trains_in_fp32_on_a_cpu_unless_asked_for_bf16(tmp_path, monkeypatch, amx, asked, chosen):
     import training.train as train_module
@@ -354,6 +373,9 @@ def test_a_stage_that_never_beat_its_start_is_not_proposed(tmp_path, monkeypatch
     (["--epochs", "3"], "--epochs belongs to the paper's recipe"),
     (["--freeze-stride", "-8"], "--freeze-stride must be 0"),
     (["--ema-share", "-0.1"], "--ema-share must be 0"),
+    (["--min-steps", "-1"], "--min-steps must be 0"),
+    (["--finetune-share", "1"], "--finetune-share is stage 2's share"),
+    (["--recipe", "paper", "--min-steps", "5"], "--min-steps belongs to the default recipe"),
     (["--cutmix", "1.5"], "--cutmix is the share"),
     (["--ntsnet-cutmix", "-0.1"], "--ntsnet-cutmix is the share"),
     (["--recipe", "paper", "--cutmix", "0.5"], "--cutmix belongs to the default recipe"),
@@ -421,8 +443,11 @@ def test_the_refit_trains_on_validation_photos_too_and_replaces_the_winner_only_
         return real_fit(model, loss_fn, items, *args, **kw)
 
     monkeypatch.setattr(progressive, "_fit", spy)
-    cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.2,
-                            stages="linear,finetune", input_size=64, views=2, batch_size=4, workers=0, precision="fp32", lr=0.02)
+    # a budget spent before stage 2 starts: its minimum of steps, not this machine's speed or load, decides what it
+    # trains (with 12 s of budget, a busy machine used to spend it all on stage 1 and skip the rest)
+    cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.001,
+                            min_steps=80, stages="linear,finetune", input_size=64, views=2, batch_size=4, workers=0,
+                            precision="fp32", lr=0.02)
     summary = train_progressive(cfg, log=lambda *a: None)
     snap = json.loads((tmp_path / "run" / "snapshot.json").read_text())
     train, val, test = ({it["path"] for it in snap[s]} for s in ("train", "val", "test"))
@@ -487,7 +512,8 @@ def test_a_stage_planned_with_no_seconds_left_trains_at_most_one_step(tmp_path):
 
     cat = small_catalogue(tmp_path / "cat")
     snap = progressive.take_snapshot(cat.root)
-    cfg = ProgressiveConfig(backbone="tiny", batch_size=4, workers=0, freeze_stride=0)
+    # no minimum of steps (with one, a spent budget trains exactly that many: test_a_spent_budget_still_gets_...)
+    cfg = ProgressiveConfig(backbone="tiny", batch_size=4, workers=0, freeze_stride=0, min_steps=0)
     model = create_model(NTSConfig(model="baseline", backbone="tiny", num_classes=2, input_size=64, cat_num=0, proposal_num=1),
                          pretrained=False)
     loss_fn = lambda out, y: progressive.nts_loss(out, y, model.config)  # noqa: E731

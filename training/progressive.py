@@ -82,6 +82,8 @@ class ProgressiveConfig:
     ema_share: float = 0.1             # stages 2-3 are judged on a moving average of their weights with this time constant
                                        # (a share of the stage's seconds); 0: the raw weights
     finetune_share: float = 0.45       # of the time left after stage 1; NTS-Net gets the rest (stage 2 plateaus: 27 epochs gained 0.7 points over 14)
+    min_steps: int = 30                # stages 2-3 (and a refit) take at least this many optimiser steps, even past the budget:
+                                       # a busy or slow machine still gets a trained stage, not a skipped or 3-step one
     freeze_stride: int | None = None   # stages 2-3 keep the layers up to this stride frozen; 0: train all; None: 8 on a CPU, 0 on a GPU
     device: str = "auto"
     precision: str = "auto"
@@ -407,10 +409,10 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
     average = _WeightAverage(model, cfg.ema_share * seconds) if cfg.ema_share > 0 else None
     param = next(model.backbone.parameters())
     fold = TrainingFold(model.backbone, torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(param))
-    t_start, trained, seen, epoch, next_eval = time.perf_counter(), 0.0, 0, 0, 0.0
+    t_start, trained, seen, steps, epoch, next_eval = time.perf_counter(), 0.0, 0, 0, 0, 0.0
     eval_every = max(seconds / 8, 20.0)  # evaluations cost time too
     mix_rng = np.random.default_rng([cfg.seed, rank])
-    done = False
+    done = extended = False
     while not done:
         epoch += 1
         ds.epoch = epoch
@@ -425,6 +427,8 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
         for x, y, _ in loader:
             t0 = time.perf_counter()
             frac = min(1.0, (t0 - t_start) / max(seconds, 1e-9))  # wall clock: loading and evaluating count against the budget
+            if cfg.min_steps:  # the schedule ends with whichever comes last, the stage's seconds or its minimum of steps
+                frac = min(frac, steps / cfg.min_steps)
             halt, skip, frac = distributed.step_consensus(bool(stop), x is None, frac, device)  # anyone's cancel, process 0's clock
             if halt:
                 done = True
@@ -450,6 +454,7 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
             if average is not None:
                 average.update(time.perf_counter() - t0)
             trained += time.perf_counter() - t0
+            steps += 1
             n_seen += len(y)
             seen += len(y)
             correct += int((out.concat_logits.argmax(1) == y).sum())
@@ -457,8 +462,8 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
                 sums[k] += float(losses[k].detach()) * len(y)
             progress(stage=stage, images_per_s=round(world * seen / max(trained, 1e-9), 2), stage_seconds_left=round(max(0.0, seconds - (time.perf_counter() - t_start)), 1),
                      loss={k: round(v / n_seen, 4) for k, v in sums.items()}, train_acc=round(correct / n_seen, 4))
-            if distributed.agree(time.perf_counter() - t_start >= seconds, device):
-                done = True
+            if distributed.agree(time.perf_counter() - t_start >= seconds and steps >= cfg.min_steps, device):
+                done, extended = True, t0 - t_start >= seconds  # the budget was spent before this last step
                 break
         if main and n_seen and (time.perf_counter() - t_start >= next_eval or done):
             next_eval = time.perf_counter() - t_start + eval_every
@@ -473,6 +478,9 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
             rows.append(row)
             log(f"{stage} epoch {epoch}: loss {row['total']:.3f}, train acc {row['train_acc']:.3f}, "
                 + (f"val acc {acc:.3f}, " if select else "") + f"{row['images_per_s']} img/s")
+    if main and extended:
+        log(f"{stage}: its minimum of {cfg.min_steps} optimiser steps took {time.perf_counter() - t_start - seconds:.1f} s "
+            f"more than its {seconds:.1f} s of the budget")
     agree = distributed.replicas_agree(model, device)
     if agree is not None:
         log(f"{stage}: {world} processes {'hold the same' if agree else 'DIFFER in their'} weights")
@@ -495,6 +503,10 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
             raise DataError(f"{flag} is the share of the stage's batches mixed, from 0 (none) to 1 (all); got {share}")
     if not cfg.ema_share >= 0:
         raise DataError(f"--ema-share must be 0 (no averaging) or a positive share of a stage, such as 0.1; got {cfg.ema_share}")
+    if not 0 < cfg.finetune_share < 1:
+        raise DataError(f"--finetune-share is stage 2's share of the time left after stage 1, between 0 and 1; got {cfg.finetune_share}")
+    if cfg.min_steps < 0:
+        raise DataError(f"--min-steps must be 0 (the budget alone ends a stage) or a number of optimiser steps; got {cfg.min_steps}")
     if cfg.refit not in ("auto", "on", "off"):
         raise DataError(f"--refit must be auto, on or off; got {cfg.refit!r}")
     device = resolve_device(cfg.device)
@@ -712,11 +724,11 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     sizes_seconds = 0.0
     starts = {}  # stage -> (starting weights, seconds, model config, head lr multiplier, CutMix share): what a refit repeats
     left = lambda: budget - (time.perf_counter() - t_job)  # noqa: E731
-    if "finetune" in stages and distributed.agree(not stop and left() > 3, device):
+    if "finetune" in stages and distributed.agree(not stop and (left() > 3 or cfg.min_steps > 0), device):
         if classifier is None:
             classifier = _classifier(cfg, n_cls, size, backbone)
         # the rest: final evaluations, export; several processes all follow process 0's plan
-        seconds = distributed.agree(left() * (cfg.finetune_share if "ntsnet" in stages else 0.9), device)
+        seconds = distributed.agree(max(0.0, left() * (cfg.finetune_share if "ntsnet" in stages else 0.9)), device)
         progress(stage="finetune", stage_seconds=round(seconds))
         model = _on(device, classifier)
         starts["finetune"] = (copy.deepcopy(model.state_dict()) if main else None, seconds, model.config, None, cfg.cutmix)
@@ -733,7 +745,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
             finish_stage("finetune", answering, acc, scores, trained, sizes)
 
     # ---- stage 3: NTS-Net warm-started from the classifier
-    if "ntsnet" in stages and distributed.agree(not stop and left() > 3, device):
+    if "ntsnet" in stages and distributed.agree(not stop and (left() > 3 or cfg.min_steps > 0), device):
         nts_cfg = NTSConfig(model="ntsnet", backbone=cfg.backbone, num_classes=n_cls, input_size=size, part_size=max(32, size // 2),
                             proposal_num=cfg.proposal_num, cat_num=cfg.cat_num)
         if classifier is None:
