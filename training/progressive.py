@@ -724,7 +724,12 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     sizes_seconds = 0.0
     starts = {}  # stage -> (starting weights, seconds, model config, head lr multiplier, CutMix share): what a refit repeats
     left = lambda: budget - (time.perf_counter() - t_job)  # noqa: E731
-    if "finetune" in stages and distributed.agree(not stop and (left() > 3 or cfg.min_steps > 0), device):
+
+    def starts_stage(stage: str) -> bool:
+        """Stages 2-3 start unless cancelled; with a minimum of steps even when the budget is spent."""
+        return stage in stages and distributed.agree(not stop and (left() > 3 or cfg.min_steps > 0), device)
+
+    if starts_stage("finetune"):
         if classifier is None:
             classifier = _classifier(cfg, n_cls, size, backbone)
         # the rest: final evaluations, export; several processes all follow process 0's plan
@@ -745,7 +750,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
             finish_stage("finetune", answering, acc, scores, trained, sizes)
 
     # ---- stage 3: NTS-Net warm-started from the classifier
-    if "ntsnet" in stages and distributed.agree(not stop and (left() > 3 or cfg.min_steps > 0), device):
+    if starts_stage("ntsnet"):
         nts_cfg = NTSConfig(model="ntsnet", backbone=cfg.backbone, num_classes=n_cls, input_size=size, part_size=max(32, size // 2),
                             proposal_num=cfg.proposal_num, cat_num=cfg.cat_num)
         if classifier is None:
