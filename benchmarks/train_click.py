@@ -83,6 +83,7 @@ def main():
     ap.add_argument("--cutmix", type=float, default=None, help="passed to the job: share of stage 2's batches mixed with CutMix")
     ap.add_argument("--ntsnet-cutmix", type=float, default=None, help="passed to the job: share of stage 3's batches mixed")
     ap.add_argument("--finetune-share", type=float, default=None, help="passed to the job: stage 2's share of the time after stage 1")
+    ap.add_argument("--ntsnet-size", type=int, default=None, help="passed to the job: stage 3's input size (default: the job's choice)")
     ap.add_argument("--backbone", default="efficientnet_lite0", help="the Train tab's backbone choice (default: its default)")
     args = ap.parse_args()
     if not DATA.exists():
@@ -96,7 +97,7 @@ def main():
     print(f"catalogue: {n_products} {args.coarse} products, {n_train} training photos, {n_val} validation photos")
     studio = Studio(cat.root)
     t0 = time.time()
-    varied = {k: getattr(args, k) for k in ("freeze_stride", "cutmix", "ntsnet_cutmix", "finetune_share") if getattr(args, k) is not None}
+    varied = {k: getattr(args, k) for k in ("freeze_stride", "cutmix", "ntsnet_cutmix", "finetune_share", "ntsnet_size") if getattr(args, k) is not None}
     plain = args.precision == "auto" and not varied
     run = studio.start_training(backbone=args.backbone, max_minutes=args.max_minutes) if plain else None
     if run is None:  # the same click, with the precision forced (a bf16 CPU measured as an fp32 one) or a setting varied

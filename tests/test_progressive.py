@@ -329,6 +329,47 @@ def test_a_spent_budget_still_gets_the_minimum_of_optimiser_steps_in_stages_2_an
     assert sum("minimum of 12 optimiser steps took" in line for line in lines) == (2 if min_steps else 0)
 
 
+def test_ntsnet_trains_at_a_larger_size_only_when_the_time_left_allows_two_epochs_there():
+    from training.progressive import ntsnet_input_size
+
+    # the AVX2 EPYC's 60-minute full-set click: stage 2 at 28.8 photos/s, about 1300 s left for 2640 photos
+    size, why = ntsnet_input_size(224, lambda s: 1300.0, 28.8, 2640)
+    assert size == 288 and "288 px" in why and "5280 needed" in why
+    # the default budget for that catalogue (29 minutes) leaves about 780 s: under two epochs at 288 px
+    assert ntsnet_input_size(224, lambda s: 780.0, 28.8, 2640)[0] == 224
+    # a small catalogue gets many epochs in its minute, but too few photos to adapt to the new size
+    assert ntsnet_input_size(224, lambda s: 90.0, 28.8, 54)[0] == 224
+    # the time for the larger size's dearer test sizes counts: the same click with little left at 288 stays at 224
+    assert ntsnet_input_size(224, lambda s: 1300.0 if s == 224 else 500.0, 28.8, 2640)[0] == 224
+    # no measured speed (no stage 2), or a GPU (already at the paper's 448): stage 2's size
+    assert ntsnet_input_size(224, lambda s: 1e6, None, 2640)[0] == 224
+    assert ntsnet_input_size(448, lambda s: 1e6, 50.0, 2640, on_gpu=True)[0] == 448
+
+
+def test_ntsnet_at_a_larger_size_starts_from_stage_2_at_that_size_and_says_so(tmp_path, monkeypatch):
+    """Stage 3 at another size than stage 2: it trains and is saved at that size, its first prediction is stage 2's
+    classifier answering at that size, and the log and checkpoint say which size it trained at."""
+    import training.progressive as prog
+
+    starts = []
+    real = prog.ntsnet_from_classifier
+    monkeypatch.setattr(prog, "ntsnet_from_classifier", lambda clf, config: starts.append((clf.config.input_size, config)) or real(clf, config))
+    cat = small_catalogue(tmp_path / "cat", n_per_class=6)
+    cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.0001,
+                            min_steps=4, stages="finetune,ntsnet", input_size=64, ntsnet_size=96, cat_num=2, proposal_num=3,
+                            batch_size=4, workers=0, precision="fp32", cutmix=0.0, refit="off", activate=False)
+    lines = []
+    summary = train_progressive(cfg, log=lines.append)
+    assert [r["stage"] for r in summary["results"]] == ["finetune", "ntsnet"]
+    assert [(size, c.input_size, c.part_size) for size, c in starts] == [(96, 96, 48)]
+    assert "ntsnet: trains at 96 px, asked for" in lines
+    nts = summary["results"][1]
+    saved = Predictor.from_checkpoint(nts["checkpoint"], backend="torch")
+    assert saved.extra["train_input_size"] == 96 and nts["input_size"] in candidate_sizes(96)
+    stage2 = Predictor.from_checkpoint(summary["results"][0]["checkpoint"], backend="torch")
+    assert stage2.extra["train_input_size"] == 64
+
+
 @pytest.mark.parametrize("amx, asked, chosen", [(True, "auto", "fp32"), (False, "auto", "fp32"), (True, "bf16", "bf16")])
 def test_the_job_trains_in_fp32_on_a_cpu_unless_asked_for_bf16(tmp_path, monkeypatch, amx, asked, chosen):
     import training.train as train_module
@@ -375,6 +416,8 @@ def test_a_stage_that_never_beat_its_start_is_not_proposed(tmp_path, monkeypatch
     (["--ema-share", "-0.1"], "--ema-share must be 0"),
     (["--min-steps", "-1"], "--min-steps must be 0"),
     (["--finetune-share", "1"], "--finetune-share is stage 2's share"),
+    (["--ntsnet-size", "300"], "--ntsnet-size is stage 3's input size"),
+    (["--recipe", "paper", "--ntsnet-size", "288"], "--ntsnet-size belongs to the default recipe"),
     (["--recipe", "paper", "--min-steps", "5"], "--min-steps belongs to the default recipe"),
     (["--cutmix", "1.5"], "--cutmix is the share"),
     (["--ntsnet-cutmix", "-0.1"], "--ntsnet-cutmix is the share"),

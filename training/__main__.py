@@ -42,7 +42,7 @@ def _add_train_args(p, with_db_out=True):
 
 
 PAPER_ONLY = ("model", "epochs", "part_size", "momentum", "max_train_images", "init_from")
-PROGRESSIVE_ONLY = ("stages", "views", "min_steps", "finetune_share", "freeze_stride", "ema_share", "cutmix", "ntsnet_cutmix", "activate", "refit")
+PROGRESSIVE_ONLY = ("stages", "views", "min_steps", "finetune_share", "ntsnet_size", "freeze_stride", "ema_share", "cutmix", "ntsnet_cutmix", "activate", "refit")
 
 
 def _refuse_other_recipe(given: dict, recipe: str):
@@ -144,6 +144,9 @@ def build_parser():
     p.add_argument("--views", type=int, default=None, help="progressive: augmented views per photo for the linear stage (8)")
     p.add_argument("--finetune-share", type=float, default=None,
                    help="progressive: stage 2's share of the time left after stage 1; NTS-Net gets the rest (0.45)")
+    p.add_argument("--ntsnet-size", type=int, default=None,
+                   help="progressive: stage 3's input size in pixels, parts half of it (default: 9/7 of stage 2's size when the "
+                        "time left allows two epochs there at the speed stage 2 measured, else stage 2's)")
     p.add_argument("--min-steps", type=int, default=None,
                    help="progressive: stages 2-3 take at least this many optimiser steps, even past the budget (30; 0: the budget alone)")
     p.add_argument("--ema-share", type=float, default=None,

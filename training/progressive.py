@@ -15,7 +15,8 @@ answers in Recognise only ever gets better.
             frozen: about twice the photos per minute.
 3. ntsnet:  NTS-Net warm-started from stage 2 so its first prediction equals stage 2's at the same input size
             (Teacher head and the whole-image slice of the Scrutinizer take the fine-tuned head, the part slices
-            start at zero), then trained with L_I + L_S + L_C. 448/224 px on a GPU, the stage-2 size on a CPU.
+            start at zero), then trained with L_I + L_S + L_C. 448/224 px on a GPU; on a CPU 9/7 of the stage-2
+            size (288/144) when the time left and stage 2's measured speed allow two epochs there, else 224/112.
 
 4. refit    (small catalogues with test photos): the winning stage 2 or 3 again, from its starting weights for its
             time, on training + validation photos; it replaces the winner only if at least as accurate on the test
@@ -82,6 +83,8 @@ class ProgressiveConfig:
     ema_share: float = 0.1             # stages 2-3 are judged on a moving average of their weights with this time constant
                                        # (a share of the stage's seconds); 0: the raw weights
     finetune_share: float = 0.45       # of the time left after stage 1; NTS-Net gets the rest (stage 2 plateaus: 27 epochs gained 0.7 points over 14)
+    ntsnet_size: int | None = None     # stage 3's input size (parts half of it); None: chosen from the time left and the speed
+                                       # stage 2 measured (ntsnet_input_size)
     min_steps: int = 30                # stages 2-3 (and a refit) take at least this many optimiser steps, even past the budget:
                                        # a busy or slow machine still gets a trained stage, not a skipped or 3-step one
     freeze_stride: int | None = None   # stages 2-3 keep the layers up to this stride frozen; 0: train all; None: 8 on a CPU, 0 on a GPU
@@ -278,6 +281,29 @@ def candidate_sizes(train_size: int) -> list[int]:
     best at a somewhat larger input (Touvron et al., "Fixing the train-test resolution discrepancy", 2019);
     1, 8/7 and 9/7 of the training size, in multiples of 32."""
     return sorted({train_size, *(max(32, round(train_size * f / 32) * 32) for f in (8 / 7, 9 / 7))})
+
+
+NTSNET_COST = 3.0            # NTS-Net (K=4 parts at half the size) per photo, in classifier photos at the same size:
+                             # 9.5-10 against 28-29 images/s in the AVX2 EPYC's clicks (README)
+LARGER_MIN_EPOCHS = 2.0      # what NTS-Net needs at a size its start was not trained at before it pays: on the full grocery
+LARGER_MIN_PHOTOS = 5000     # set at 288 px it read 83.8% after one epoch (79.4% at its start), 86.1% after two (README)
+
+
+def ntsnet_input_size(train_size: int, seconds_at, classifier_speed: float | None, n_train: int, on_gpu: bool = False) -> tuple[int, str]:
+    """Stage 3's input size and why. Stage 2 trains the classifier at ``train_size``; NTS-Net may train at 9/7 of
+    it (224 -> 288 px, parts 144) when the time left is enough for it to adapt to the new size: at least
+    LARGER_MIN_EPOCHS epochs and LARGER_MIN_PHOTOS photos at the speed stage 2 measured on this machine
+    (``classifier_speed``, photos/s) scaled by NTS-Net's cost and the pixels. ``seconds_at(size)``: stage 3's
+    seconds if it trains at ``size`` (its test sizes cost more at a larger size). A GPU trains the paper's 448
+    px in both stages already; without a measured speed (no stage 2) the size stays."""
+    if on_gpu or not classifier_speed:
+        return train_size, f"{train_size} px, stage 2's size"
+    larger = max(32, round(train_size * 9 / 7 / 32) * 32)
+    speed = classifier_speed / NTSNET_COST * (train_size / larger) ** 2
+    photos, needed = speed * seconds_at(larger), max(LARGER_MIN_EPOCHS * n_train, LARGER_MIN_PHOTOS)
+    why = (f"about {photos:.0f} photos at {larger} px in {seconds_at(larger):.0f} s at the {classifier_speed:.1f} photos/s stage 2 "
+           f"measured, {needed:.0f} needed")
+    return (larger, f"{larger} px: {why}") if photos >= needed else (train_size, f"{train_size} px, stage 2's size: {why}")
 
 
 def at_input_size(model, size: int, answer: str | None = None):
@@ -505,6 +531,8 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         raise DataError(f"--ema-share must be 0 (no averaging) or a positive share of a stage, such as 0.1; got {cfg.ema_share}")
     if not 0 < cfg.finetune_share < 1:
         raise DataError(f"--finetune-share is stage 2's share of the time left after stage 1, between 0 and 1; got {cfg.finetune_share}")
+    if cfg.ntsnet_size is not None and not (64 <= cfg.ntsnet_size <= 1024 and cfg.ntsnet_size % 32 == 0):
+        raise DataError(f"--ntsnet-size is stage 3's input size in pixels, a multiple of 32 from 64 to 1024; got {cfg.ntsnet_size}")
     if cfg.min_steps < 0:
         raise DataError(f"--min-steps must be 0 (the budget alone ends a stage) or a number of optimiser steps; got {cfg.min_steps}")
     if cfg.refit not in ("auto", "on", "off"):
@@ -630,15 +658,16 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         _prebuild_export(path, log)
         return active.propose(cfg.db, path, acc, to_beat, **info)
 
-    def finish_stage(stage, model, acc, scores, trained=True, sizes=None):
+    def finish_stage(stage, model, acc, scores, trained=True, sizes=None, train_size=None):
         """``trained``: False when the stage's best weights are the ones it started from: the same answers as the
-        model before it (NTS-Net's Navigator still untrained, and slower), so it is saved but not proposed."""
+        model before it (NTS-Net's Navigator still untrained, and slower), so it is saved but not proposed.
+        ``train_size``: the input size it trained at, when not stage 2's."""
         nonlocal bar, bar_name, winner
         gate_acc = acc if gate is None else evaluate_model(model, gate[0], gate[1])[0]
         path = run_dir / f"stage{STAGES.index(stage) + 1}-{stage}.safetensors"
         extra = {"stage": stage, "metrics": {"val_acc": acc, "val_n": len(val_labels)}, "class_count": n_cls,
                  "train_images": len(snap.train), "run_dir": str(run_dir), "train_config": asdict(cfg),
-                 "unknown_threshold": threshold_record(scores), "train_input_size": size, "test_sizes": sizes}
+                 "unknown_threshold": threshold_record(scores), "train_input_size": train_size or size, "test_sizes": sizes}
         save_checkpoint(path, model, names, extra=extra)
         if not trained:
             switched, verdict = False, f"kept {bar_name}: training never beat the stage's starting point ({acc:.1%})"
@@ -665,7 +694,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         extra = {"stage": "refit", "refit_of": of, "trained_on": ["train", "val"], "class_count": n_cls,
                  "metrics": {"test_acc": acc, "test_n": len(test_labels), "replaced_test_acc": win_acc},
                  "train_images": len(snap.train) + len(snap.val), "run_dir": str(run_dir), "train_config": asdict(cfg),
-                 "unknown_threshold": threshold_record(scores), "train_input_size": size}
+                 "unknown_threshold": threshold_record(scores), "train_input_size": starts[of][2].input_size}
         save_checkpoint(path, model, names, extra=extra)
         switched = False
         if acc < win_acc:
@@ -721,7 +750,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         return model, acc, evaluate_model(model, val_arrays, val_labels)[1], None
 
     # ---- stage 2: end-to-end fine-tune of the classifier
-    sizes_seconds = 0.0
+    sizes_seconds, finetune_speed = 0.0, None
     starts = {}  # stage -> (starting weights, seconds, model config, head lr multiplier, CutMix share): what a refit repeats
     left = lambda: budget - (time.perf_counter() - t_job)  # noqa: E731
 
@@ -741,6 +770,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         model, acc, rows, trained = _fit(model, loss_fn, snap.train, size, cfg, seconds, device, autocast, stop, progress, "finetune",
                                 (val_arrays, val_labels), log, cutmix_share=cfg.cutmix)
         record(rows)
+        finetune_speed = rows[-1]["images_per_s"] if rows else None
         classifier = model.cpu()
         if main:
             t_sizes = time.perf_counter()
@@ -751,24 +781,32 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
 
     # ---- stage 3: NTS-Net warm-started from the classifier
     if starts_stage("ntsnet"):
-        nts_cfg = NTSConfig(model="ntsnet", backbone=cfg.backbone, num_classes=n_cls, input_size=size, part_size=max(32, size // 2),
-                            proposal_num=cfg.proposal_num, cat_num=cfg.cat_num)
+        # time kept for its test sizes: NTS-Net costs about twice the classifier (K parts at half the size), more pixels more
+        seconds_at = lambda s: max(0.0, left() * 0.9 - 2 * sizes_seconds * (s / size) ** 2)  # noqa: E731
+        if cfg.ntsnet_size:
+            nts_size, why = cfg.ntsnet_size, f"{cfg.ntsnet_size} px, asked for"
+        else:
+            nts_size, why = ntsnet_input_size(size, seconds_at, finetune_speed, len(snap.train), on_gpu=device.type == "cuda")
+        nts_size = int(distributed.agree(nts_size, device))
+        log(f"ntsnet: trains at {why}")
+        nts_cfg = NTSConfig(model="ntsnet", backbone=cfg.backbone, num_classes=n_cls, input_size=nts_size,
+                            part_size=max(32, nts_size // 2), proposal_num=cfg.proposal_num, cat_num=cfg.cat_num)
         if classifier is None:
             classifier = _classifier(cfg, n_cls, size, backbone)
-        model = _on(device, ntsnet_from_classifier(classifier, nts_cfg))
-        # time kept for its test sizes: NTS-Net costs about twice the classifier (K parts at half the size)
-        seconds = distributed.agree(max(0.0, left() * 0.9 - 2 * sizes_seconds), device)
+        # at another size than stage 2's its first prediction is stage 2's classifier answering at that size
+        model = _on(device, ntsnet_from_classifier(at_input_size(classifier, nts_size), nts_cfg))
+        seconds = distributed.agree(seconds_at(nts_size), device)
         progress(stage="ntsnet", stage_seconds=round(seconds))
         starts["ntsnet"] = (copy.deepcopy(model.state_dict()) if main else None, seconds, nts_cfg, 1.0, cfg.ntsnet_cutmix)
         loss_fn = lambda out, y: nts_loss(out, y, nts_cfg, label_smoothing=cfg.label_smoothing)  # noqa: E731
         # the heads continue stage 2's (not new layers); the Navigator at a high rate lets the ranking loss diverge
-        model, acc, rows, trained = _fit(model, loss_fn, snap.train, size, cfg, seconds, device, autocast, stop, progress, "ntsnet",
+        model, acc, rows, trained = _fit(model, loss_fn, snap.train, nts_size, cfg, seconds, device, autocast, stop, progress, "ntsnet",
                                 (val_arrays, val_labels), log, head_lr_mult=1.0, cutmix_share=cfg.ntsnet_cutmix)
         record(rows)
         model = model.cpu()
         if main:
             model, acc, scores, sizes = answering_model(model, acc, trained)
-            finish_stage("ntsnet", model, acc, scores, trained, sizes)
+            finish_stage("ntsnet", model, acc, scores, trained, sizes, train_size=nts_size)
 
     # ---- refit: the winning stage again, from the same start for the same time, on training + validation photos
     # (few photos a product: 15% more to learn from); it can only be measured on the test photos, against the winner
@@ -787,7 +825,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         state["stages"] = stages + ["refit"]
         progress(stage="refit", stage_seconds=round(seconds), refit_of=stage)
         loss_fn = lambda out, y: nts_loss(out, y, model_cfg, label_smoothing=cfg.label_smoothing)  # noqa: E731
-        model, _, rows, _ = _fit(model, loss_fn, snap.train + snap.val, size, cfg, seconds, device, autocast, stop, progress, "refit",
+        model, _, rows, _ = _fit(model, loss_fn, snap.train + snap.val, model_cfg.input_size, cfg, seconds, device, autocast, stop, progress, "refit",
                                  None, log, head_lr_mult=head_lr_mult, cutmix_share=cutmix_share)
         record(rows)
         if main and not stop:
