@@ -69,7 +69,7 @@ class ProgressiveConfig:
     pretrained: bool = True
     max_minutes: float | None = None   # whole job; None: 3 min + 1 min per 100 training photos, at most 30
     stages: str = ",".join(STAGES)
-    input_size: int | None = None      # stages 2-3; None: 224 on a CPU, 448 (NTS-Net) on a GPU
+    input_size: int | None = None      # stage 2 (stage 3 too unless ntsnet_size); None: 224 on a CPU, 448 on a GPU
     cat_num: int = 4                   # K
     proposal_num: int = 6              # M
     views: int = 8                     # augmented views per photo for stage 1 (fewer when the catalogue is large)
@@ -298,10 +298,11 @@ def ntsnet_input_size(train_size: int, seconds_at, classifier_speed: float | Non
     px in both stages already; without a measured speed (no stage 2) the size stays."""
     if on_gpu or not classifier_speed:
         return train_size, f"{train_size} px, stage 2's size"
-    larger = max(32, round(train_size * 9 / 7 / 32) * 32)
-    speed = classifier_speed / NTSNET_COST * (train_size / larger) ** 2
-    photos, needed = speed * seconds_at(larger), max(LARGER_MIN_EPOCHS * n_train, LARGER_MIN_PHOTOS)
-    why = (f"about {photos:.0f} photos at {larger} px in {seconds_at(larger):.0f} s at the {classifier_speed:.1f} photos/s stage 2 "
+    larger = max(candidate_sizes(train_size))  # the largest size stage 2's weights are measured at
+    seconds = seconds_at(larger)
+    photos = classifier_speed / NTSNET_COST * (train_size / larger) ** 2 * seconds
+    needed = max(LARGER_MIN_EPOCHS * n_train, LARGER_MIN_PHOTOS)
+    why = (f"about {photos:.0f} photos at {larger} px in {seconds:.0f} s at the {classifier_speed:.1f} photos/s stage 2 "
            f"measured, {needed:.0f} needed")
     return (larger, f"{larger} px: {why}") if photos >= needed else (train_size, f"{train_size} px, stage 2's size: {why}")
 
@@ -658,16 +659,21 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         _prebuild_export(path, log)
         return active.propose(cfg.db, path, acc, to_beat, **info)
 
-    def finish_stage(stage, model, acc, scores, trained=True, sizes=None, train_size=None):
+    starts = {}  # stage -> (starting weights, seconds, model config, head lr multiplier, CutMix share): what a refit repeats
+
+    def trained_size(stage):
+        """The input size a stage trained at (its saved model answers at its best test size): stage 3's may differ."""
+        return starts[stage][2].input_size if stage in starts else size
+
+    def finish_stage(stage, model, acc, scores, trained=True, sizes=None):
         """``trained``: False when the stage's best weights are the ones it started from: the same answers as the
-        model before it (NTS-Net's Navigator still untrained, and slower), so it is saved but not proposed.
-        ``train_size``: the input size it trained at, when not stage 2's."""
+        model before it (NTS-Net's Navigator still untrained, and slower), so it is saved but not proposed."""
         nonlocal bar, bar_name, winner
         gate_acc = acc if gate is None else evaluate_model(model, gate[0], gate[1])[0]
         path = run_dir / f"stage{STAGES.index(stage) + 1}-{stage}.safetensors"
         extra = {"stage": stage, "metrics": {"val_acc": acc, "val_n": len(val_labels)}, "class_count": n_cls,
                  "train_images": len(snap.train), "run_dir": str(run_dir), "train_config": asdict(cfg),
-                 "unknown_threshold": threshold_record(scores), "train_input_size": train_size or size, "test_sizes": sizes}
+                 "unknown_threshold": threshold_record(scores), "train_input_size": trained_size(stage), "test_sizes": sizes}
         save_checkpoint(path, model, names, extra=extra)
         if not trained:
             switched, verdict = False, f"kept {bar_name}: training never beat the stage's starting point ({acc:.1%})"
@@ -694,7 +700,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         extra = {"stage": "refit", "refit_of": of, "trained_on": ["train", "val"], "class_count": n_cls,
                  "metrics": {"test_acc": acc, "test_n": len(test_labels), "replaced_test_acc": win_acc},
                  "train_images": len(snap.train) + len(snap.val), "run_dir": str(run_dir), "train_config": asdict(cfg),
-                 "unknown_threshold": threshold_record(scores), "train_input_size": starts[of][2].input_size}
+                 "unknown_threshold": threshold_record(scores), "train_input_size": trained_size(of)}
         save_checkpoint(path, model, names, extra=extra)
         switched = False
         if acc < win_acc:
@@ -751,7 +757,6 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
 
     # ---- stage 2: end-to-end fine-tune of the classifier
     sizes_seconds, finetune_speed = 0.0, None
-    starts = {}  # stage -> (starting weights, seconds, model config, head lr multiplier, CutMix share): what a refit repeats
     left = lambda: budget - (time.perf_counter() - t_job)  # noqa: E731
 
     def starts_stage(stage: str) -> bool:
@@ -806,7 +811,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
         model = model.cpu()
         if main:
             model, acc, scores, sizes = answering_model(model, acc, trained)
-            finish_stage("ntsnet", model, acc, scores, trained, sizes, train_size=nts_size)
+            finish_stage("ntsnet", model, acc, scores, trained, sizes)
 
     # ---- refit: the winning stage again, from the same start for the same time, on training + validation photos
     # (few photos a product: 15% more to learn from); it can only be measured on the test photos, against the winner
