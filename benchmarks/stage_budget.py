@@ -1,9 +1,10 @@
 """Paper Tables 1 and 2 at the progressive job's sizes and an equal time budget.
 
-    python benchmarks/stage_budget.py --run RUN_DIR [--minutes 6] [--arms finetune,k4,k2,k0]
+    python benchmarks/stage_budget.py --run RUN_DIR [--minutes 6] [--arms finetune,k4,k2,k0] [--size PX]
 
 RUN_DIR is a progressive run (its config.json, snapshot.json and stage2-finetune.safetensors). From the same
-fine-tuned classifier, each arm trains for the same --minutes with the job's own code (training/progressive.py
+fine-tuned classifier, answering at the size the run trained its NTS-Net at (stage3-ntsnet.safetensors records it;
+else stage 2's size; --size overrides), each arm trains for the same --minutes with the job's own code (training/progressive.py
 ``_fit``: same augmentation, schedule, frozen early layers, evaluation every 1/8 of the time, best state kept):
   finetune  the plain classifier, fine-tuned further (paper Table 1, "ResNet-50" row)
   kN        NTS-Net warm-started from it with K=N parts in the Scrutinizer (Table 2: K = 0, 2, 4)
@@ -28,16 +29,26 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from train_click import cpu_line  # noqa: E402
 
 
+def job_ntsnet_size(run: Path) -> int | None:
+    from ntsnet.checkpoint import load_checkpoint
+
+    path = run / "stage3-ntsnet.safetensors"
+    return load_checkpoint(path).extra.get("train_input_size") if path.exists() else None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", required=True, help="a progressive run directory with stage2-finetune.safetensors")
     ap.add_argument("--minutes", type=float, default=6.0, help="training minutes per arm (evaluations included)")
     ap.add_argument("--arms", default="finetune,k4,k2,k0")
+    ap.add_argument("--size", type=int, default=None, help="input size in px (parts: half); default: the size the run "
+                    "trained its NTS-Net at, else stage 2's")
     args = ap.parse_args()
     from ntsnet import NTSConfig, nts_loss
     from ntsnet.checkpoint import build_model, load_checkpoint
     from training.data import Snapshot
-    from training.progressive import ProgressiveConfig, _fit, _load_arrays, ntsnet_from_classifier, resolve_freeze_stride
+    from training.progressive import (ProgressiveConfig, _fit, _load_arrays, at_input_size, ntsnet_from_classifier,
+                                      resolve_freeze_stride)
 
     run = Path(args.run)
     saved = json.loads((run / "config.json").read_text())
@@ -45,7 +56,8 @@ def main():
     cfg.freeze_stride = resolve_freeze_stride(cfg.freeze_stride, torch.device("cpu"))
     snap = Snapshot.load(run / "snapshot.json")
     start = build_model(load_checkpoint(run / "stage2-finetune.safetensors")).eval()
-    size = start.config.input_size
+    size = args.size or job_ntsnet_size(run) or start.config.input_size
+    start = at_input_size(start, size)  # the hand-off the job makes: stage 2's weights answering at stage 3's size
     val = _load_arrays(snap.val or snap.test)
     print(f"CPU: {cpu_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads, fp32")
     print(f"{len(snap.class_names)} products, {len(snap.train)} training / {len(val[1])} validation photos; "
@@ -77,7 +89,7 @@ def main():
     print("arm        best val  last val  images/s  images seen")
     for r in results:
         print(f"{r['arm']:9s}  {r['best_val_acc']:7.1%}  {r['last_val_acc']:8.1%}  {r['images_per_s']:8.2f}  {r['images_seen']:11d}")
-    (run / "stage_budget.json").write_text(json.dumps({"cpu": cpu_line(), "minutes": args.minutes, "results": results}, indent=1))
+    (run / f"stage_budget-{size}px-{args.minutes:g}min.json").write_text(json.dumps({"cpu": cpu_line(), "minutes": args.minutes, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

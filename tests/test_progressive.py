@@ -566,6 +566,31 @@ def test_a_stage_planned_with_no_seconds_left_trains_at_most_one_step(tmp_path):
     assert len(rows) == 1 and rows[0]["epoch"] == 1 and 0.0 <= acc <= 1.0
 
 
+def test_an_evaluation_that_runs_past_the_budget_ends_the_stage_without_another_step_or_evaluation(tmp_path, monkeypatch):
+    """The first epoch ends inside the budget and its evaluation runs past it: the stage ends there. It used to train
+    one more step at the schedule's lr 0, evaluate the same weights again (35 s for NTS-Net at 288 px on 2 cores)
+    and log that its minimum of steps had taken longer than the budget, which it had not."""
+    from training import progressive
+
+    def slow_evaluation(*a, **k):
+        time.sleep(1.5)
+        return 0.5
+
+    monkeypatch.setattr(progressive, "selection_accuracy", slow_evaluation)
+    cat = small_catalogue(tmp_path / "cat", n_per_class=4)
+    snap = progressive.take_snapshot(cat.root)
+    cfg = ProgressiveConfig(backbone="tiny", batch_size=4, workers=0, freeze_stride=0, min_steps=1)
+    model = create_model(NTSConfig(model="baseline", backbone="tiny", num_classes=2, input_size=64, cat_num=0, proposal_num=1),
+                         pretrained=False)
+    loss_fn = lambda out, y: progressive.nts_loss(out, y, model.config)  # noqa: E731
+    lines = []
+    _, _, rows, _ = progressive._fit(model, loss_fn, snap.train, 64, cfg, 1.0, torch.device("cpu"), progressive.contextlib.nullcontext,
+                                     False, lambda **kw: None, "finetune", progressive._load_arrays(snap.val), lines.append)
+    assert len(snap.train) > cfg.batch_size  # two steps in the first epoch, both inside the 1 s budget
+    assert [r["epoch"] for r in rows] == [1]
+    assert not any("optimiser steps took" in line for line in lines)
+
+
 def test_the_weight_average_moves_by_its_time_constant_and_swaps_in_only_while_applied():
     from training.progressive import _WeightAverage
 

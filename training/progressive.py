@@ -456,7 +456,10 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
             frac = min(1.0, (t0 - t_start) / max(seconds, 1e-9))  # wall clock: loading and evaluating count against the budget
             if cfg.min_steps:  # the schedule ends with whichever comes last, the stage's seconds or its minimum of steps
                 frac = min(frac, steps / cfg.min_steps)
-            halt, skip, frac = distributed.step_consensus(bool(stop), x is None, frac, device)  # anyone's cancel, process 0's clock
+            # spent: an evaluation or a new epoch's loader can run past the budget; then no step at the schedule's
+            # lr 0 follows, and no second evaluation of the same weights (a started stage trains at least one step)
+            spent = t0 - t_start >= seconds and steps >= max(cfg.min_steps, 1)
+            halt, skip, frac = distributed.step_consensus(bool(stop) or spent, x is None, frac, device)  # anyone's cancel or clock
             if halt:
                 done = True
                 break
@@ -505,7 +508,7 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
             rows.append(row)
             log(f"{stage} epoch {epoch}: loss {row['total']:.3f}, train acc {row['train_acc']:.3f}, "
                 + (f"val acc {acc:.3f}, " if select else "") + f"{row['images_per_s']} img/s")
-    if main and extended:
+    if main and extended and cfg.min_steps:
         log(f"{stage}: its minimum of {cfg.min_steps} optimiser steps took {time.perf_counter() - t_start - seconds:.1f} s "
             f"more than its {seconds:.1f} s of the budget")
     agree = distributed.replicas_agree(model, device)
