@@ -8,14 +8,22 @@ longest side. The curve says up to which blur the model stays within 5 points of
 number cannot. ``--sides``: the same photos shrunk to these longest sides (the low-res condition is 80 px), so the
 blur can be read as an image size: "as hard for this model as a 48-pixel photo". Every photo is decoded once; each
 point runs the same photos through the same predictor.
+
+``--kind defocus|motion``: the same spreads as a lens out of focus (a disk of radius 2 sigma) or a streak of motion
+(a line of the same standard deviation, at an angle fixed for each photo) instead of the evaluation's Gaussian;
+``--camera``: then sensor noise (2 grey levels) and JPEG at quality 85, as a real blurred frame carries them.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import time
+import zlib
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,10 +42,39 @@ def accuracy_curve(predictor, arrays, labels, degrade, points, batch_size: int =
     return rows
 
 
-def blur_curve(predictor, arrays, labels, shares_percent, batch_size: int = 16) -> list[dict]:
+def camera_noise(rgb: np.ndarray, sd: float = 2.0, quality: int = 85) -> np.ndarray:
+    """Sensor noise of ``sd`` grey levels and a JPEG round trip, the same for the same photo."""
+    from PIL import Image
+
+    rng = np.random.default_rng(zlib.crc32(rgb[::7, ::7].tobytes()))
+    noisy = np.clip(rgb + rng.standard_normal(rgb.shape) * sd, 0, 255).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noisy).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def blurred(rgb: np.ndarray, share: float, kind: str = "gaussian", camera: bool = False) -> np.ndarray:
+    """The photo blurred with a spread of ``share`` x its longest side: the evaluation's Gaussian, a defocus disk or a
+    motion streak (training/data.py: blur_kernel; the streak's angle follows from the photo, so it repeats)."""
+    import cv2
+
+    from training.data import blur_kernel
     from training.evaluate import blur
 
-    rows = accuracy_curve(predictor, arrays, labels, lambda a, pct: blur(a, pct / 100), shares_percent, batch_size)
+    if share > 0 and kind != "gaussian":
+        angle = (zlib.crc32(rgb[::5, ::5].tobytes()) % 1000) / 1000 * np.pi
+        k = blur_kernel(kind, share * max(rgb.shape[:2]), angle)
+        out = np.clip(cv2.filter2D(rgb.astype(np.float32), -1, k, borderType=cv2.BORDER_REFLECT_101), 0, 255)
+        out = out.round().astype(np.uint8)
+    else:
+        out = blur(rgb, share)
+    return camera_noise(out) if camera and share > 0 else out
+
+
+def blur_curve(predictor, arrays, labels, shares_percent, batch_size: int = 16, kind: str = "gaussian",
+               camera: bool = False) -> list[dict]:
+    rows = accuracy_curve(predictor, arrays, labels, lambda a, pct: blurred(a, pct / 100, kind, camera), shares_percent,
+                          batch_size)
     return [{"sigma_percent": pct, **r} for pct, r in zip(shares_percent, rows)]
 
 
@@ -72,7 +109,7 @@ def plot(rows, path: Path, title: str):
     ax.plot(x, y, marker="o", label="validation top-1")
     ax.axhline(clean - 5, color="grey", ls="--", lw=1, label="clean − 5 points")
     ax.axvline(1.5, color="tab:red", ls=":", lw=1, label="evaluation's 'blurry' (1.5%)")
-    ax.set_xlabel("Gaussian blur sigma, % of the photo's longest side")
+    ax.set_xlabel("blur spread (sigma), % of the photo's longest side")
     ax.set_ylabel("accuracy, %")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
@@ -94,6 +131,9 @@ def main():
     ap.add_argument("--split", default="val")
     ap.add_argument("--shares", default="0,0.25,0.5,0.75,1,1.5,2", help="blur sigmas, %% of the longest side")
     ap.add_argument("--sides", default="", help="also shrink the photos to these longest sides (px), e.g. 24,32,40,56,80")
+    ap.add_argument("--kind", default="gaussian", choices=["gaussian", "defocus", "motion"],
+                    help="the blur's shape at the same spread: the evaluation's Gaussian, a defocus disk, a motion streak")
+    ap.add_argument("--camera", action="store_true", help="add sensor noise and JPEG to every blurred photo")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--plot", default=None, help="write the curve as a PNG here")
     args = ap.parse_args()
@@ -104,9 +144,10 @@ def main():
     arrays, labels = _load_arrays(items)
     shares = [float(s) for s in args.shares.split(",")]
     t0 = time.time()
-    rows = blur_curve(predictor, arrays, labels, shares)
+    rows = blur_curve(predictor, arrays, labels, shares, kind=args.kind, camera=args.camera)
     clean = next((r["accuracy"] for r in rows if r["sigma_percent"] == 0), None)
-    print(f"{len(arrays)} photos ({args.split}), backend {predictor.backend_name}, {time.time() - t0:.0f} s")
+    print(f"{len(arrays)} photos ({args.split}), backend {predictor.backend_name}, {time.time() - t0:.0f} s; blur: {args.kind}"
+          + (", with sensor noise and JPEG" if args.camera else ""))
     print("sigma (% of side)  accuracy" + ("  vs clean" if clean is not None else ""))
     for r in rows:
         gap = f"  {100 * (r['accuracy'] - clean):+.1f}" if clean is not None else ""
@@ -122,7 +163,7 @@ def main():
             if r["sigma_percent"] > 0 and side is not None:
                 print(f"a blur of {r['sigma_percent']:g}% of the side is as hard for this model as a {side:.0f}-px photo")
     if args.plot:
-        plot(rows, Path(args.plot), f"{Path(args.checkpoint).name}: accuracy vs blur ({len(arrays)} {args.split} photos)")
+        plot(rows, Path(args.plot), f"{Path(args.checkpoint).name}: accuracy vs {args.kind} blur ({len(arrays)} {args.split} photos)")
         print("plot:", args.plot)
     print(json.dumps({"blur": rows, "sides": sizes}))
 

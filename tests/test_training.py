@@ -160,6 +160,49 @@ def test_store_conditions():
     assert stds == sorted(stds, reverse=True) and np.array_equal(blur(img, 0.015), apply_condition(img, "blurry"))
 
 
+def test_blur_kernels_have_the_spread_asked_for_and_the_camera_blur_keeps_the_photo():
+    from PIL import Image
+
+    from training.data import BLUR_KINDS, blur_kernel, camera_blur
+
+    for kind in BLUR_KINDS:
+        k = blur_kernel(kind, 4.0, angle=0.0)
+        assert k.sum() == pytest.approx(1.0, abs=1e-5) and (k >= 0).all()
+        ys, xs = np.indices(k.shape) - k.shape[0] // 2
+        spread_x = np.sqrt((k * xs ** 2).sum())
+        assert spread_x == pytest.approx(4.0, rel=0.2), kind  # the Gaussian's sigma, the disk's and the streak's (along x)
+    streak = blur_kernel("motion", 4.0, angle=0.0)
+    assert streak[streak.shape[0] // 2].sum() == pytest.approx(1.0, abs=1e-5)  # a horizontal streak stays on its row
+    with pytest.raises(ValueError, match="unknown blur kind"):
+        blur_kernel("swirl", 2.0)
+    checker = (np.indices((96, 128)).sum(0) // 4 % 2 * 255).astype(np.uint8)
+    photo = Image.fromarray(np.repeat(checker[:, :, None], 3, 2))
+    views = [camera_blur(photo, np.random.default_rng(seed)) for seed in range(12)]
+    assert all(v.size == photo.size and v.mode == "RGB" for v in views)
+    assert all(np.asarray(v, np.float32).std() < np.asarray(photo, np.float32).std() for v in views)
+    again = camera_blur(photo, np.random.default_rng(3))
+    assert np.array_equal(np.asarray(again), np.asarray(views[3]))
+
+
+def test_blur_curve_shapes_of_blur():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("blur_curve", ROOT / "benchmarks" / "blur_curve.py")
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    checker = (np.indices((100, 80)).sum(0) // 3 % 2 * 255).astype(np.uint8)
+    img = np.repeat(checker[:, :, None], 3, 2)
+    assert np.array_equal(curve.blurred(img, 0.015), apply_condition(img, "blurry"))  # the evaluation's condition
+    assert curve.blurred(img, 0, "defocus") is img
+    for kind in ("defocus", "motion"):
+        out = curve.blurred(img, 0.015, kind)
+        assert out.shape == img.shape and out.std() < img.std() / 2
+        assert np.array_equal(out, curve.blurred(img, 0.015, kind))  # the same photo, the same blur
+    noisy = curve.blurred(img, 0.015, "defocus", camera=True)
+    assert not np.array_equal(noisy, curve.blurred(img, 0.015, "defocus"))
+    assert np.array_equal(noisy, curve.blurred(img, 0.015, "defocus", camera=True))
+
+
 def test_blur_read_as_an_image_size():
     import importlib.util
 
