@@ -16,7 +16,6 @@ point runs the same photos through the same predictor.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -46,26 +45,21 @@ def camera_noise(rgb: np.ndarray, sd: float = 2.0, quality: int = 85) -> np.ndar
     """Sensor noise of ``sd`` grey levels and a JPEG round trip, the same for the same photo."""
     from PIL import Image
 
+    from training.data import jpeg_round_trip, to_uint8
+
     rng = np.random.default_rng(zlib.crc32(rgb[::7, ::7].tobytes()))
-    noisy = np.clip(rgb + rng.standard_normal(rgb.shape) * sd, 0, 255).round().astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(noisy).save(buf, "JPEG", quality=quality)
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return np.asarray(jpeg_round_trip(Image.fromarray(to_uint8(rgb + rng.standard_normal(rgb.shape) * sd)), quality))
 
 
 def blurred(rgb: np.ndarray, share: float, kind: str = "gaussian", camera: bool = False) -> np.ndarray:
     """The photo blurred with a spread of ``share`` x its longest side: the evaluation's Gaussian, a defocus disk or a
     motion streak (training/data.py: blur_kernel; the streak's angle follows from the photo, so it repeats)."""
-    import cv2
-
-    from training.data import blur_kernel
+    from training.data import blur_kernel, convolve, to_uint8
     from training.evaluate import blur
 
     if share > 0 and kind != "gaussian":
         angle = (zlib.crc32(rgb[::5, ::5].tobytes()) % 1000) / 1000 * np.pi
-        k = blur_kernel(kind, share * max(rgb.shape[:2]), angle)
-        out = np.clip(cv2.filter2D(rgb.astype(np.float32), -1, k, borderType=cv2.BORDER_REFLECT_101), 0, 255)
-        out = out.round().astype(np.uint8)
+        out = to_uint8(convolve(rgb, blur_kernel(kind, share * max(rgb.shape[:2]), angle)))
     else:
         out = blur(rgb, share)
     return camera_noise(out) if camera and share > 0 else out
