@@ -2,7 +2,7 @@
 uses on a CPU now), and bf16 autocast + channels_last where the CPU does bf16 in hardware.
 
     python benchmarks/train_throughput.py [--steps 6] [--batch-size 8]
-    python benchmarks/train_throughput.py --fold [--batch-size 16] [--precision fp32]
+    python benchmarks/train_throughput.py --fold [--batch-size 16] [--precision fp32] [--compile]
 
     python benchmarks/train_throughput.py --photos 264 [--photo-dir ../shared/datasets/grocerystore/train]
 
@@ -13,7 +13,9 @@ draw the dark-shelf noise in float32, which is also new.
 ``--fold``: as the progressive job trains (channels_last, BatchNorm on its running statistics, layers to stride 8
 frozen), with and without BatchNorm folded into the convs (ntsnet/fuse.py: TrainingFold), alternated twice. Where
 ``--photo-dir`` has photos, it trains the pretrained backbone on 6 store-augmented batches of them (what the job
-does); otherwise on random data with random weights.
+does); otherwise on random data with random weights. ``--compile`` adds a third arm: the same training with
+``torch.compile`` (Inductor; it fuses BatchNorm itself, so no TrainingFold) and the seconds its first step took to
+compile, in a fresh compile cache (a cached compile is faster: a user's second click would find one).
 
 Otherwise random data, real model and optimizer step (Lite0 weights are offline, so this runs anywhere).
 """
@@ -43,9 +45,10 @@ CONFIGS = [
 ]
 
 
-def measure(model_kind, size, part, m, k, precision, steps, bs, backbone, fold=None, photos=None):
+def measure(model_kind, size, part, m, k, precision, steps, bs, backbone, fold=None, photos=None, compiled=False, first=None):
     """``fold``: None, the plain recipe (BatchNorm on batch statistics, every layer trained); False / True: as the
-    progressive job trains, without / with TrainingFold. ``photos``: real photo paths to train on (pretrained)."""
+    progressive job trains, without / with TrainingFold. ``photos``: real photo paths to train on (pretrained).
+    ``compiled``: the forward through ``torch.compile``; ``first``: a list that gets the first step's seconds."""
     cfg = NTSConfig(model=model_kind, backbone=backbone, num_classes=81, input_size=size, part_size=part, proposal_num=m, cat_num=k)
     model = create_model(cfg, pretrained=bool(photos)).train()
     fast = precision == "bf16"
@@ -70,6 +73,7 @@ def measure(model_kind, size, part, m, k, precision, steps, bs, backbone, fold=N
     else:
         batches = [(torch.randn(bs, 3, size, size), torch.randint(0, 81, (bs,)))]
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if fast else contextlib.nullcontext
+    forward = torch.compile(model) if compiled else model
     times = []
     for i in range(steps + 1):
         x, y = batches[i % len(batches)]
@@ -77,13 +81,15 @@ def measure(model_kind, size, part, m, k, precision, steps, bs, backbone, fold=N
             x = x.contiguous(memory_format=torch.channels_last)
         t0 = time.perf_counter()
         with ctx(), folding:
-            out = model(x)
+            out = forward(x)
         loss = nts_loss(out, y, cfg)["total"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if i:  # the first step warms up oneDNN
+        if i:  # the first step warms up oneDNN (and compiles)
             times.append(time.perf_counter() - t0)
+        elif first is not None:
+            first.append(time.perf_counter() - t0)
     return bs * len(times) / sum(times)
 
 
@@ -111,6 +117,22 @@ def photo_preparation(folder: Path, n: int, size: int = 224):
             print(f"{label}: {best:.2f} ms", flush=True)
 
 
+def compile_arm(kind, size, part, m, k, precision, args, photos) -> str:
+    """torch.compile's training speed (better of two) and its first, compiling step, in a fresh Inductor cache."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # read when Inductor first compiles
+        torch._dynamo.reset()
+        first, speeds = [], []
+        for _ in range(2):
+            speeds.append(measure(kind, size, part, m, k, precision, args.steps, args.batch_size, args.backbone, False, photos,
+                                  compiled=True, first=first))
+            torch._dynamo.reset()
+    return f"{max(speeds):.1f} ({first[0]:.0f})"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
@@ -118,6 +140,7 @@ def main():
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--configs", default="all", help="comma-separated row numbers (0-based) of CONFIGS to run")
     ap.add_argument("--fold", action="store_true", help="the progressive job's training, with and without TrainingFold")
+    ap.add_argument("--compile", action="store_true", help="with --fold: also torch.compile (no TrainingFold), and its compile time")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="with --fold: fp32 or bf16 autocast (channels_last both)")
     ap.add_argument("--photos", type=int, default=0, help="time the preparation of this many real photos instead")
     ap.add_argument("--photo-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared/datasets/grocerystore/train"))
@@ -139,15 +162,19 @@ def main():
         photos = photos[:: max(1, len(photos) // (6 * args.batch_size))] or None
         data = f"{len(photos)} store-augmented photos from {args.photo_dir}, pretrained" if photos else "random data, random weights"
         print(f"as the progressive job trains ({args.precision}, channels_last, BatchNorm on running statistics, stride <= 8 frozen); {data}")
-        print("| model | input | parts | plain img/s | TrainingFold img/s | speed-up |")
-        print("|---|---|---|---|---|---|")
+        compiled = " torch.compile img/s (first step, s) |" if args.compile else ""
+        print("| model | input | parts | plain img/s | TrainingFold img/s | speed-up |" + compiled)
+        print("|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
         for kind, size, part, m, k in rows:
             runs = {False: [], True: []}
             for fold in (False, True, False, True):
                 runs[fold].append(measure(kind, size, part, m, k, precision, args.steps, args.batch_size, args.backbone, fold, photos))
             a, b = (sorted(runs[f])[-1] for f in (False, True))  # the better of two: the other one met a slow moment
             parts = f"M={m} x {part}px" if kind == "ntsnet" else "-"
-            print(f"| {kind} | {size} | {parts} | {a:.1f} | {b:.1f} | {b / a:.2f}x |", flush=True)
+            row = f"| {kind} | {size} | {parts} | {a:.1f} | {b:.1f} | {b / a:.2f}x |"
+            if args.compile:
+                row += f" {compile_arm(kind, size, part, m, k, precision, args, photos)} |"
+            print(row, flush=True)
         return
     print("| model | input | parts | fp32 NCHW img/s | fp32 channels_last img/s | speed-up |" + (" bf16+CL img/s |" if bf16 else ""))
     print("|---|---|---|---|---|---|" + ("---|" if bf16 else ""))
