@@ -360,32 +360,3 @@ def test_training_takes_bf16_on_a_cpu_only_with_amx(monkeypatch, flags, chosen):
     monkeypatch.setattr(train_module, "cpu_supports_fast_bf16", lambda training=False: cpu_supports_fast_bf16(f"flags : fpu {flags}", training))
     assert train_module.choose_precision(torch.device("cpu"), "auto") == chosen
     assert train_module.choose_precision(torch.device("cpu"), "bf16") == "bf16"  # asked for: given
-
-
-class _OpenCVThreads(torch.utils.data.Dataset):
-    """Each item: (the OpenCV thread count where it was prepared, a label)."""
-
-    def __len__(self):
-        return 4
-
-    def __getitem__(self, i):
-        import cv2
-
-        return torch.tensor([float(cv2.getNumThreads())]), 0
-
-
-def test_photo_loader_workers_run_opencv_on_one_thread():
-    """Training's DataLoader workers blur with OpenCV; with its default pool (as many threads as cores) in each
-    worker, two workers fight the training step's threads on a 2-core machine."""
-    import cv2
-
-    from training.data import photo_loader
-
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(2)  # what a 2-core machine starts with, whatever this one has
-    try:
-        counts = [float(x.max()) for x, _, _ in photo_loader(_OpenCVThreads(), 2, workers=2)]
-        assert counts == [1.0, 1.0]
-        assert cv2.getNumThreads() == 2  # the training process itself is left alone
-    finally:
-        cv2.setNumThreads(before)

@@ -242,21 +242,6 @@ class PhotoDataset(torch.utils.data.Dataset):
         return to_tensor(im, self.size, flip, self.mean, self.std), item["label"]
 
 
-def photo_loader(ds, batch_size: int, workers: int, **kw) -> torch.utils.data.DataLoader:
-    """A DataLoader of ``ds`` in batches (``collate``) whose worker processes run OpenCV on one thread, as PyTorch
-    already runs its own there: each worker otherwise blurs with a pool as large as the machine, and on 2 cores two
-    workers' pools fight the training step's threads (stage 2's loop on the grocery photos, 2 workers, 4 alternated
-    pairs on an Ice Lake Xeon: 26.1 against 23.4 images/s, ahead in every pair)."""
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=workers,
-                                       worker_init_fn=_worker_on_one_thread if workers else None, **kw)
-
-
-def _worker_on_one_thread(_worker_id: int):
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 def collate(batch):
     """Drop unreadable photos; report how many were dropped as the third element."""
     good = [b for b in batch if b is not None]

@@ -54,7 +54,7 @@ from ntsnet.runtime import keep_freed_memory
 
 from . import active, distributed
 from .cutmix import cutmix, mixed_losses
-from .data import DataError, PhotoDataset, Snapshot, load_rgb, photo_loader, take_snapshot
+from .data import DataError, PhotoDataset, Snapshot, collate, load_rgb, take_snapshot
 from .openset import threshold_record
 from .train import choose_precision
 
@@ -447,7 +447,8 @@ def _fit(model, loss_fn, items, size, cfg: ProgressiveConfig, seconds: float, de
         order = distributed.shard(order, world, rank)
         # worker processes start anew every epoch: for a handful of photos that costs more than it saves
         workers = cfg.workers if len(order) >= 4 * cfg.batch_size else 0
-        loader = photo_loader(ds, cfg.batch_size, workers, sampler=order, drop_last=len(order) > cfg.batch_size)
+        loader = torch.utils.data.DataLoader(ds, sampler=order, batch_size=cfg.batch_size, collate_fn=collate,
+                                             num_workers=workers, drop_last=len(order) > cfg.batch_size)
         _train_mode(model)
         sums, n_seen, correct = {"total": 0.0, "L_I": 0.0, "L_S": 0.0, "L_C": 0.0}, 0, 0
         for x, y, _ in loader:

@@ -29,7 +29,7 @@ from ntsnet.predictor import cpu_supports_fast_bf16, resolve_device
 from ntsnet.runtime import keep_freed_memory
 
 from . import distributed
-from .data import PhotoDataset, Snapshot, photo_loader, take_snapshot
+from .data import PhotoDataset, Snapshot, collate, take_snapshot
 
 
 @dataclass
@@ -186,7 +186,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     train_ds = PhotoDataset(train_items, cfg.input_size, train=True, seed=cfg.seed, mean=model.mean, std=model.std)
     val_ds = PhotoDataset(val_items, cfg.input_size, train=False, mean=model.mean, std=model.std)
-    val_loader = photo_loader(val_ds, cfg.batch_size, cfg.workers, shuffle=False)
+    loader_kw = dict(batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.workers, persistent_workers=False)
+    val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, **loader_kw)
     budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     # metrics.jsonl mirrors the saved state: drop lines of epochs a crash lost
     metrics_path = run_dir / "metrics.jsonl"
@@ -199,7 +200,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
         order = distributed.shard(order, world, rank)
         drop_last = len(order) > cfg.batch_size  # BatchNorm cannot train on a batch of one
-        loader = photo_loader(train_ds, cfg.batch_size, cfg.workers, sampler=order, drop_last=drop_last)
+        loader = torch.utils.data.DataLoader(train_ds, sampler=order, drop_last=drop_last, **loader_kw)
         net.train()
         sums = {"total": 0.0, "L_I": 0.0, "L_S": 0.0, "L_C": 0.0}
         seen = correct = skipped = steps = 0
