@@ -122,14 +122,21 @@ def compile_arm(kind, size, part, m, k, precision, args, photos) -> str:
     import os
     import tempfile
 
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # read when Inductor first compiles
         torch._dynamo.reset()
         first, speeds = [], []
-        for _ in range(2):
-            speeds.append(measure(kind, size, part, m, k, precision, args.steps, args.batch_size, args.backbone, False, photos,
-                                  compiled=True, first=first))
-            torch._dynamo.reset()
+        try:
+            for _ in range(2):
+                speeds.append(measure(kind, size, part, m, k, precision, args.steps, args.batch_size, args.backbone, False, photos,
+                                      compiled=True, first=first))
+                torch._dynamo.reset()
+        finally:  # not left pointing at a deleted folder
+            if before is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
     return f"{max(speeds):.1f} ({first[0]:.0f})"
 
 
@@ -145,6 +152,8 @@ def main():
     ap.add_argument("--photos", type=int, default=0, help="time the preparation of this many real photos instead")
     ap.add_argument("--photo-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared/datasets/grocerystore/train"))
     args = ap.parse_args()
+    if args.compile and not args.fold:
+        ap.error("--compile is an arm of --fold: add --fold")
     if args.photos:
         return photo_preparation(Path(args.photo_dir), args.photos)
     kept = keep_freed_memory()  # as training does; NTSNET_KEEP_MALLOC=0 measures glibc's default
