@@ -168,6 +168,38 @@ def test_allocator_setting_applies_once_on_glibc_and_can_be_switched_off():
     assert _keep_freed_memory_in_subprocess("0") == ["False", "False"]
 
 
+_FORKED_WORKERS_BLUR = """
+import numpy as np, torch, cv2
+from ntsnet.runtime import opencv_on_one_thread
+from training.data import convolve
+photo, kernel = np.random.rand(300, 400, 3).astype(np.float32) * 255, np.ones((9, 9), np.float32) / 81
+cv2.setNumThreads(2)  # what a 2-core machine starts with, whatever this one has
+for _ in range(10):
+    convolve(photo, kernel)  # the pool is running before the workers fork, as after an evaluation's blur
+opencv_on_one_thread()
+
+class Blurs(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        convolve(photo, kernel)
+        return torch.tensor([float(cv2.getNumThreads())])
+
+loader = torch.utils.data.DataLoader(Blurs(), batch_size=2, num_workers=2, timeout=60)
+print(sorted({float(x.max()) for x in loader}), cv2.getNumThreads())
+"""
+
+
+def test_dataloader_workers_forked_after_the_setting_blur_on_one_thread_without_hanging():
+    """Two workers' OpenCV pools (as many threads as cores each) fought the training step's threads on 2 cores. The
+    setting is made in the training process, never in a worker: resizing the pool a worker inherited hung one."""
+    done = subprocess.run([sys.executable, "-c", _FORKED_WORKERS_BLUR], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["[1.0]", "1"]
+
+
 def test_single_torch_thread_scopes_overlap_and_restore_the_process_setting():
     """Live frames and single photos open the scope from different threads at once: each sees one thread inside,
     every thread has the process's count again afterwards (also one that started while a scope was open), and an

@@ -50,7 +50,7 @@ from ntsnet.checkpoint import atomic_write
 from ntsnet.fuse import TrainingFold
 from ntsnet.images import to_input_tensor
 from ntsnet.predictor import resolve_device
-from ntsnet.runtime import keep_freed_memory
+from ntsnet.runtime import keep_freed_memory, opencv_on_one_thread
 
 from . import active, distributed
 from .cutmix import cutmix, mixed_losses
@@ -554,6 +554,7 @@ def train_progressive(cfg: ProgressiveConfig, log=print) -> dict:
     stop = _Stop(run_dir)
     if device.type == "cpu":
         keep_freed_memory()
+    opencv_on_one_thread()  # before the first DataLoader forks its workers
     # "auto" on a CPU means fp32 even with AMX: this job's training (Lite0 at 224 px, layers to stride 8 frozen, BatchNorm
     # folded) ran slower in bf16 on a 2-core Sapphire Rapids, 22.3-23.3 against 24.5 images/s for the classifier and
     # 7.8-8.0 against 10.0 for NTS-Net 224/112 (benchmarks/train_throughput.py --fold --batch-size 16 --configs 0,4)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ntsnet import NTSConfig, create_model, nts_loss, save_checkpoint
 from ntsnet.checkpoint import atomic_write
 from ntsnet.predictor import cpu_supports_fast_bf16, resolve_device
-from ntsnet.runtime import keep_freed_memory
+from ntsnet.runtime import keep_freed_memory, opencv_on_one_thread
 
 from . import distributed
 from .data import PhotoDataset, Snapshot, collate, take_snapshot
@@ -139,6 +139,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     precision = choose_precision(device, cfg.precision)
     if device.type == "cpu":
         keep_freed_memory()  # DataLoader workers fork after this and inherit it
+    opencv_on_one_thread()  # so do they this
     channels_last = device.type == "cpu"  # oneDNN is faster in NHWC in fp32 too (1.3x on AVX2, benchmarks/train_throughput.py)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
