@@ -60,11 +60,11 @@ def opencv_on_one_thread() -> None:
 
     Each worker blurs photos for the store augmentation, by default with an OpenCV pool as large as the machine, so on
     2 cores two workers' pools fight the training step's threads (PyTorch already keeps its own threads to one in a
-    worker). Stage 2's loop on the grocery photos, 2 workers, 4 alternated pairs on an Ice Lake Xeon: 26.1 against
-    23.4 images/s, ahead in every pair. It is set here, in the training process, because a worker must never resize
-    OpenCV's pool itself: the pool it inherits from a parent that already used it has lost its threads in the fork,
-    and calling ``cv2.setNumThreads`` there hung a worker in the full test suite. With one thread OpenCV runs each
-    call in the calling thread and a worker never touches that pool."""
+    worker). Stage 2's loop on the grocery photos, 2 workers, fp32, an Ice Lake Xeon, alternated pairs: 22.0 against
+    21.2 and 24.3 against 21.9 images/s (set in each worker instead: 26.1 against 23.4 over 4 pairs). It is set in the
+    training process because a worker must never resize OpenCV's pool itself: the pool it inherits from a parent that
+    already used it has lost its threads in the fork, and calling ``cv2.setNumThreads`` there hung a worker in the full
+    test suite. With one thread OpenCV runs each call in the calling thread and a worker never touches that pool."""
     import cv2
 
     cv2.setNumThreads(1)

@@ -57,3 +57,14 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(123)
+
+
+@pytest.fixture
+def opencv_pool_of_two():
+    """OpenCV at 2 threads, as a 2-core machine starts, for a test that checks a job sets it; restored afterwards."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    yield cv2
+    cv2.setNumThreads(before)

@@ -3,7 +3,6 @@ import json
 import math
 import time
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -217,17 +216,12 @@ def test_unknown_threshold_keeps_known_photos_when_validation_is_tiny():
     assert many["value"] == pytest.approx(0.24, abs=0.01)
 
 
-def test_two_products_five_photos_train_through_every_stage(tmp_path):
+def test_two_products_five_photos_train_through_every_stage(tmp_path, opencv_pool_of_two):
     cat = small_catalogue(tmp_path / "cat")
     cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.75,
                             input_size=64, cat_num=2, proposal_num=3, views=3, batch_size=4, workers=0, precision="fp32", lr=0.02)
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(2)
-    try:
-        summary = train_progressive(cfg, log=lambda *a: None)
-        assert cv2.getNumThreads() == 1  # set before any DataLoader forked its workers (ntsnet/runtime.py)
-    finally:
-        cv2.setNumThreads(before)
+    summary = train_progressive(cfg, log=lambda *a: None)
+    assert opencv_pool_of_two.getNumThreads() == 1  # set before any DataLoader forked its workers (ntsnet/runtime.py)
     assert summary["state"] == "finished"
     assert [r["stage"] for r in summary["results"]] == ["linear", "finetune", "ntsnet"]
     accs = [r["val_acc"] for r in summary["results"]]

@@ -44,16 +44,9 @@ def catalogue(tmp_path_factory):
     return make_catalogue(tmp_path_factory.mktemp("cat") / "c").root
 
 
-def test_short_run_learns_a_separable_task(catalogue, tmp_path):
-    import cv2
-
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(2)
-    try:
-        summary = train(tiny_config(catalogue, tmp_path / "run", epochs=8), log=lambda *a: None)
-        assert cv2.getNumThreads() == 1  # set before its DataLoader forked workers (ntsnet/runtime.py)
-    finally:
-        cv2.setNumThreads(before)
+def test_short_run_learns_a_separable_task(catalogue, tmp_path, opencv_pool_of_two):
+    summary = train(tiny_config(catalogue, tmp_path / "run", epochs=8), log=lambda *a: None)
+    assert opencv_pool_of_two.getNumThreads() == 1  # set before its DataLoader forked workers (ntsnet/runtime.py)
     assert summary["state"] == "finished" and summary["epoch"] == 8
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == list(range(1, 9))

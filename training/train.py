@@ -139,7 +139,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     precision = choose_precision(device, cfg.precision)
     if device.type == "cpu":
         keep_freed_memory()  # DataLoader workers fork after this and inherit it
-    opencv_on_one_thread()  # so do they this
+    opencv_on_one_thread()  # inherited by the workers too
     channels_last = device.type == "cpu"  # oneDNN is faster in NHWC in fp32 too (1.3x on AVX2, benchmarks/train_throughput.py)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
