@@ -163,7 +163,10 @@ def main():
     from train_click import cpu_line
 
     bf16 = cpu_supports_fast_bf16()
-    print(f"CPU: {cpu_line()}; bf16 in hardware: {bf16}; training picks bf16 by itself: {cpu_supports_fast_bf16(training=True)}")
+    # Two trainers decide differently: the paper recipe's ResNet-50 (dense convolutions) takes bf16 on AMX, the Train
+    # button's Lite0 job stays fp32 on every CPU (its bf16 arm here measured slower on two AMX Xeons, README).
+    print(f"CPU: {cpu_line()}; bf16 in hardware: {bf16}; `python -m training train --recipe paper` picks bf16 by itself: "
+          f"{cpu_supports_fast_bf16(training=True)}; the Train button's job: fp32")
     rows = CONFIGS if args.configs == "all" else [CONFIGS[int(i)] for i in args.configs.split(",")]
     if args.fold:
         precision = "bf16" if args.precision == "bf16" else "fp32-cl"
