@@ -163,10 +163,12 @@ def main():
     from train_click import cpu_line
 
     bf16 = cpu_supports_fast_bf16()
-    # Two trainers decide differently: the paper recipe's ResNet-50 (dense convolutions) takes bf16 on AMX, the Train
-    # button's Lite0 job stays fp32 on every CPU (its bf16 arm here measured slower on two AMX Xeons, README).
-    print(f"CPU: {cpu_line()}; bf16 in hardware: {bf16}; `python -m training train --recipe paper` picks bf16 by itself: "
-          f"{cpu_supports_fast_bf16(training=True)}; the Train button's job: fp32")
+    from training.train import choose_precision
+
+    # The two trainers decide differently on a CPU (README, "a 2-core AMX Xeon"): ask each as it asks itself.
+    cpu = torch.device("cpu")
+    print(f"CPU: {cpu_line()}; bf16 in hardware: {bf16}; auto precision of `python -m training train --recipe paper`: "
+          f"{choose_precision(cpu, 'auto')}, of the Train button's job: {choose_precision(cpu, 'auto', bf16_on_cpu=False)}")
     rows = CONFIGS if args.configs == "all" else [CONFIGS[int(i)] for i in args.configs.split(",")]
     if args.fold:
         precision = "bf16" if args.precision == "bf16" else "fp32-cl"
