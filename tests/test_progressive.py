@@ -14,7 +14,7 @@ from ntsnet.images import to_input_tensor
 from training import active, jobs
 from training.openset import threshold_record as unknown_threshold
 from training.evaluate import CONDITIONS
-from training.progressive import (ProgressiveConfig, at_input_size, choose_test_size, evaluate_answers, evaluate_model, imprinted_head,
+from training.progressive import (ProgressiveConfig, at_input_size, best_answer, choose_test_size, evaluate_answers, evaluate_model, imprinted_head,
                                   ntsnet_from_classifier, prototype_accuracy, prototype_predictions, candidate_sizes, train_progressive)
 
 
@@ -179,6 +179,13 @@ def test_the_job_answers_with_all_heads_only_where_that_measures_better():
         assert torch.equal(a, b), name
     chosen, acc, _, _ = choose_test_size(net, arrays, labels, log=lambda *a: None, evaluate=evaluate(0.0))
     assert chosen is net and chosen.config.answer == "scrutinizer"
+
+
+def test_the_answer_rule_takes_the_best_mean_then_clean_then_the_earlier_choice():
+    acc = lambda clean, other: {"clean": clean, "dark": other, "blurry": other, "low-res": other}  # noqa: E731
+    assert best_answer({"224": acc(0.8, 0.7), "224 all-heads": acc(0.7, 0.75)}) == "224 all-heads"  # mean .7375 > .725
+    tied = {"224": acc(0.6, 0.8), "256": acc(0.9, 0.7), "288": acc(0.9, 0.7)}  # equal means (0.75)
+    assert best_answer(tied) == "256"  # the better clean accuracy, then the earlier of two equal choices
 
 
 def test_the_evaluation_scores_every_answer_from_one_pass_and_the_model_keeps_its_own():

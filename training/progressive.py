@@ -331,22 +331,32 @@ def choose_test_size(model, arrays, labels, log=print, evaluate=None) -> tuple[t
 
     evaluate = evaluate or evaluate_answers
     conditioned = {c: [apply_condition(a, c) for a in arrays] for c in CONDITIONS}
-    table, best = {}, None
+    table, choices = {}, {}
     for size in candidate_sizes(model.config.input_size):
         candidate = at_input_size(model, size)
         results = {cond: evaluate(candidate, conditioned[cond], labels) for cond in CONDITIONS}
         for answer in answers_of(model):
             accs = {cond: results[cond][answer][0] for cond in CONDITIONS}
-            mean = float(np.mean(list(accs.values())))
             key = str(size) if answer == "scrutinizer" else f"{size} {answer}"
-            table[key] = {**{c: round(a, 5) for c, a in accs.items()}, "mean": round(mean, 5)}
-            tied = best is not None and abs(mean - best[4]) <= 1e-9
-            if best is None or mean > best[4] + 1e-9 or (tied and accs["clean"] > best[2] + 1e-9):
-                best = (key, (size, answer), accs["clean"], results["clean"][answer][1], mean)
+            table[key] = {**{c: round(a, 5) for c, a in accs.items()}, "mean": round(float(np.mean(list(accs.values()))), 5)}
+            choices[key] = (size, answer, accs, results["clean"][answer][1])
+    best = best_answer({key: accs for key, (_, _, accs, _) in choices.items()})
+    size, answer, accs, scores = choices[best]
     label = lambda key: key.replace(" ", " px, ", 1) if " " in key else key + " px"  # noqa: E731  "256 all-heads" -> "256 px, all-heads"
     log("test sizes: " + "; ".join(f"{label(k)} {r['clean']:.1%} clean, {r['mean']:.1%} mean of conditions" for k, r in table.items())
-        + f" -> {label(best[0])}")
-    return at_input_size(model, *best[1]), best[2], best[3], table
+        + f" -> {label(best)}")
+    return at_input_size(model, size, answer), accs["clean"], scores, table
+
+
+def best_answer(accuracies: dict) -> object:
+    """The choice (a key of ``accuracies``: {condition: accuracy}) with the best mean accuracy over the conditions; on a
+    tie the better clean accuracy, then the earlier key (choose_test_size lists smaller sizes and the Scrutinizer first)."""
+    best, best_mean, best_clean = None, -1.0, -1.0
+    for key, accs in accuracies.items():
+        mean = float(np.mean(list(accs.values())))
+        if mean > best_mean + 1e-9 or (abs(mean - best_mean) <= 1e-9 and accs["clean"] > best_clean + 1e-9):
+            best, best_mean, best_clean = key, mean, accs["clean"]
+    return best
 
 
 def accuracy_by_name(predictor, arrays, labels, class_names) -> float:
