@@ -21,27 +21,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-@torch.inference_mode()
-def per_photo_correct(model, arrays, labels, batch: int = 16) -> dict[tuple[int, str], dict[str, np.ndarray]]:
+def per_photo_correct(model, arrays, labels) -> dict[tuple[int, str], dict[str, np.ndarray]]:
     """{(size, answer): {condition: whether each photo's answer was right}} for every choice the job weighs."""
-    from ntsnet import answer_probabilities
-    from ntsnet.images import to_input_tensor
     from training.evaluate import CONDITIONS, apply_condition
-    from training.progressive import answers_of, at_input_size, candidate_sizes
+    from training.progressive import answer_predictions, at_input_size, candidate_sizes
 
     truth, out = np.asarray(labels), {}
-    for cond in CONDITIONS:
-        photos = [apply_condition(a, cond) for a in arrays]
-        for size in candidate_sizes(model.config.input_size):
-            m = at_input_size(model, size)
-            preds = {a: [] for a in answers_of(m)}
-            for start in range(0, len(photos), batch):
-                x = to_input_tensor(photos[start:start + batch], size, m.mean, m.std).contiguous(memory_format=torch.channels_last)
-                y = m(x, num_parts=m.config.cat_num if m.config.model == "ntsnet" else None)
-                for a in preds:
-                    preds[a] += answer_probabilities(y, a).argmax(1).tolist()
-            for a, p in preds.items():
-                out.setdefault((size, a), {})[cond] = np.asarray(p) == truth
+    conditioned = {c: [apply_condition(a, c) for a in arrays] for c in CONDITIONS}
+    for size in candidate_sizes(model.config.input_size):
+        m = at_input_size(model, size)
+        for cond, photos in conditioned.items():
+            for answer, (preds, _) in answer_predictions(m, photos).items():
+                out.setdefault((size, answer), {})[cond] = np.asarray(preds) == truth
     return out
 
 

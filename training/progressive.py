@@ -245,21 +245,27 @@ def answers_of(model) -> tuple[str, ...]:
 
 
 @torch.inference_mode()
+def answer_predictions(model, arrays, batch: int = 16) -> dict[str, tuple[list[int], list[float]]]:
+    """For every answer the model can give, from one forward pass per batch: each photo's predicted class and its
+    probability."""
+    model.eval()
+    size, answers = model.config.input_size, answers_of(model)
+    out = {a: ([], []) for a in answers}
+    for start in range(0, len(arrays), batch):
+        x = to_input_tensor(arrays[start:start + batch], size, model.mean, model.std).contiguous(memory_format=torch.channels_last)
+        logits = model(x, num_parts=model.config.cat_num if model.config.model == "ntsnet" else None)
+        for a in answers:
+            conf, pred = answer_probabilities(logits, a).max(1)
+            out[a][0].extend(pred.tolist())
+            out[a][1].extend(conf.tolist())
+    return out
+
+
 def evaluate_answers(model, arrays, labels, batch: int = 16) -> dict[str, tuple[float, list[float]]]:
     """For every answer the model can give, from one forward pass per batch: top-1 accuracy on the validation
     photos and each photo's max probability (for the unknown threshold)."""
-    model.eval()
-    size, answers = model.config.input_size, answers_of(model)
-    correct, scores = dict.fromkeys(answers, 0), {a: [] for a in answers}
-    for start in range(0, len(arrays), batch):
-        x = to_input_tensor(arrays[start:start + batch], size, model.mean, model.std).contiguous(memory_format=torch.channels_last)
-        out = model(x, num_parts=model.config.cat_num if model.config.model == "ntsnet" else None)
-        y = torch.as_tensor(labels[start:start + batch])
-        for a in answers:
-            conf, pred = answer_probabilities(out, a).max(1)
-            correct[a] += int((pred == y).sum())
-            scores[a] += conf.tolist()
-    return {a: ((correct[a] / len(labels)) if labels else float("nan"), scores[a]) for a in answers}
+    return {a: ((sum(p == y for p, y in zip(preds, labels)) / len(labels)) if labels else float("nan"), scores)
+            for a, (preds, scores) in answer_predictions(model, arrays, batch).items()}
 
 
 def evaluate_model(model, arrays, labels, batch: int = 16) -> tuple[float, list[float]]:
