@@ -84,6 +84,9 @@ def main():
     args = ap.parse_args()
 
     run = Path(args.run)
+    missing = [name for name in ("snapshot.json", STAGE_FILES[args.stage]) if not (run / name).is_file()]
+    if missing:
+        ap.error(f"{run} is not a finished job's run folder with a {args.stage} stage: it has no {' and no '.join(missing)}")
     print(f"CPU: {cpu_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads, fp32")
     snap = Snapshot.load(run / "snapshot.json")
     model = build_model(load_checkpoint(run / STAGE_FILES[args.stage]))

@@ -23,6 +23,16 @@ TINY_ARGS = ["--recipe", "paper", "--backbone", "tiny", "--no-pretrained", "--in
              "--cat-num", "2", "--batch-size", "8", "--lr", "0.05", "--workers", "0", "--precision", "fp32"]
 
 
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module, for its small functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_config(db, out, **kw):
     base = dict(db=str(db), out=str(out), backbone="tiny", pretrained=False, input_size=96, part_size=48, proposal_num=4,
                 cat_num=2, batch_size=8, lr=0.05, workers=0, precision="fp32", epochs=3)
@@ -186,11 +196,7 @@ def test_blur_kernels_have_the_spread_asked_for_and_the_camera_blur_keeps_the_ph
 
 
 def test_blur_curve_shapes_of_blur():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("blur_curve", ROOT / "benchmarks" / "blur_curve.py")
-    curve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(curve)
+    curve = load_benchmark("blur_curve")
     checker = (np.indices((100, 80)).sum(0) // 3 % 2 * 255).astype(np.uint8)
     img = np.repeat(checker[:, :, None], 3, 2)
     assert np.array_equal(curve.blurred(img, 0.015), apply_condition(img, "blurry"))  # the evaluation's condition
@@ -205,11 +211,7 @@ def test_blur_curve_shapes_of_blur():
 
 
 def test_blur_read_as_an_image_size():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("blur_curve", ROOT / "benchmarks" / "blur_curve.py")
-    curve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(curve)
+    curve = load_benchmark("blur_curve")
     rgb = np.zeros((300, 150, 3), np.uint8)
     assert downscale(rgb, 40).shape[:2] == (40, 20) and downscale(rgb, 400) is rgb
     assert np.array_equal(downscale(rgb, 80), apply_condition(rgb, "low-res"))
@@ -219,16 +221,12 @@ def test_blur_read_as_an_image_size():
 
 
 def test_the_blur_finetune_arm_blurs_every_training_view_as_the_evaluation_does_and_only_while_it_trains():
-    import importlib.util
-
     from PIL import Image
 
     import training.data as data
     from training.evaluate import BLUR_SHARE
 
-    spec = importlib.util.spec_from_file_location("blur_finetune", ROOT / "benchmarks" / "blur_finetune.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_benchmark("blur_finetune")
     checker = (np.indices((120, 90)).sum(0) // 3 % 2 * 255).astype(np.uint8)
     photo = Image.fromarray(np.repeat(checker[:, :, None], 3, 2))
     original = data.store_augment
@@ -242,6 +240,18 @@ def test_the_blur_finetune_arm_blurs_every_training_view_as_the_evaluation_does_
     assert view.std() < plain.std()
     with probe.training_views("control"):
         assert data.store_augment is original
+
+
+def test_the_blur_finetune_probe_refuses_a_folder_that_is_not_a_finished_run(tmp_path, monkeypatch, capsys):
+    probe = load_benchmark("blur_finetune")
+    (tmp_path / "snapshot.json").write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["blur_finetune.py", "--run", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        probe.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "not a finished job's run folder with a ntsnet stage" in err and "stage3-ntsnet.safetensors" in err
+    assert "snapshot.json" not in err.split("has no")[1]  # only what is missing is named
 
 
 def test_evaluate_end_to_end(catalogue, tmp_path):
