@@ -114,10 +114,10 @@ def plot(rows, path: Path, title: str):
 
 
 def main():
-    from train_click import cpu_line
+    from common import cpu_line
     from ntsnet import Predictor
-    from training.evaluate import _eval_items
-    from training.progressive import _load_arrays
+    from training.evaluate import eval_items
+    from training.features import load_arrays
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", required=True)
@@ -134,8 +134,8 @@ def main():
 
     print("CPU:", cpu_line())
     predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, background=False)
-    items, _ = _eval_items(args.db, predictor.class_names, args.split)
-    arrays, labels = _load_arrays(items)
+    items, _ = eval_items(args.db, predictor.class_names, args.split)
+    arrays, labels = load_arrays(items)
     shares = [float(s) for s in args.shares.split(",")]
     t0 = time.time()
     rows = blur_curve(predictor, arrays, labels, shares, kind=args.kind, camera=args.camera)

@@ -19,7 +19,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset_tools import Catalogue, assign_splits  # noqa: E402
-from timing import median_ms  # noqa: E402
+from common import median_ms  # noqa: E402
 
 
 def make_photo(i: int) -> bytes:

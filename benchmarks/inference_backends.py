@@ -20,8 +20,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from timing import median_ms  # noqa: E402
-from train_click import DATA, cpu_line  # noqa: E402
+from common import median_ms  # noqa: E402
+from common import DATA, cpu_line  # noqa: E402
 
 
 def main():

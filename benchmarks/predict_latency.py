@@ -26,7 +26,7 @@ from ntsnet.backbones import create_backbone  # noqa: E402
 from ntsnet.fuse import fold_batchnorm  # noqa: E402
 from ntsnet.images import to_input_tensor  # noqa: E402
 from ntsnet.runtime import keep_freed_memory  # noqa: E402
-from timing import median_ms  # noqa: E402
+from common import median_ms  # noqa: E402
 
 
 def plain_classifier_ms(name, size, precision, runs, frame, fold=True):

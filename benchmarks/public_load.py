@@ -43,7 +43,7 @@ def main():
     ap.add_argument("--checkpoint")
     args = ap.parse_args()
     from synthetic import draw_product
-    from train_click import cpu_line
+    from common import cpu_line
     from webapp import Studio
 
     tmp = Path(tempfile.mkdtemp())

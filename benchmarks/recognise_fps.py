@@ -61,7 +61,7 @@ def main():
     from test_app_e2e import browser_with_camera, free_port, start_camera, write_y4m
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from train_click import cpu_line
+    from common import cpu_line
 
     print(f"CPU: {cpu_line()}; app --precision {args.precision}", flush=True)
     tmp = Path(tempfile.mkdtemp())

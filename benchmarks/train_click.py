@@ -12,27 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "datasets" / "grocerystore"
-
-
-def cpu_line() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-        flags = next(line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags"))
-        keep = [f for f in flags if f.startswith(("avx", "amx", "fma")) or f in ("f16c",)]
-        return f"{model}; flags: {' '.join(keep)}"
-    except Exception:
-        return platform.processor()
+from common import DATA, ROOT, cpu_line  # noqa: E402,F401  (ROOT: sys.path set up there)
 
 
 def build_catalogue(db: Path, coarse: str, per_product: int, store_split: bool = False):
@@ -81,7 +66,6 @@ def main():
     ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--freeze-stride", type=int, default=None, help="passed to the job (default: the job's own, 8 on a CPU)")
     ap.add_argument("--cutmix", type=float, default=None, help="passed to the job: share of stage 2's batches mixed with CutMix")
-    ap.add_argument("--ntsnet-cutmix", type=float, default=None, help="passed to the job: share of stage 3's batches mixed")
     ap.add_argument("--finetune-share", type=float, default=None, help="passed to the job: stage 2's share of the time after stage 1")
     ap.add_argument("--ntsnet-size", type=int, default=None, help="passed to the job: stage 3's input size (default: the job's choice)")
     ap.add_argument("--backbone", default="efficientnet_lite0", help="the Train tab's backbone choice (default: its default)")
@@ -97,7 +81,7 @@ def main():
     print(f"catalogue: {n_products} {args.coarse} products, {n_train} training photos, {n_val} validation photos")
     studio = Studio(cat.root)
     t0 = time.time()
-    varied = {k: getattr(args, k) for k in ("freeze_stride", "cutmix", "ntsnet_cutmix", "finetune_share", "ntsnet_size") if getattr(args, k) is not None}
+    varied = {k: getattr(args, k) for k in ("freeze_stride", "cutmix", "finetune_share", "ntsnet_size") if getattr(args, k) is not None}
     plain = args.precision == "auto" and not varied
     run = studio.start_training(backbone=args.backbone, max_minutes=args.max_minutes) if plain else None
     if run is None:  # the same click, with the precision forced (a bf16 CPU measured as an fp32 one) or a setting varied

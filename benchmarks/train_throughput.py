@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ntsnet import NTSConfig, create_model, nts_loss  # noqa: E402
 from ntsnet.fuse import TrainingFold  # noqa: E402
 from ntsnet.runtime import keep_freed_memory  # noqa: E402
-from training.progressive import _train_mode  # noqa: E402
+from training.fit import train_mode  # noqa: E402
 
 CONFIGS = [
     ("baseline", 224, 224, 6, 4),
@@ -60,7 +60,7 @@ def measure(model_kind, size, part, m, k, precision, steps, bs, backbone, fold=N
         frozen = {id(p) for p in model.backbone.early_parameters(8)}  # (it leaves every module in training mode)
         for p in model.parameters():
             p.requires_grad_(id(p) not in frozen)
-        _train_mode(model)
+        train_mode(model)
         if fold:
             folding = TrainingFold(model.backbone, torch.randn(1, 3, 64, 64))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
@@ -97,7 +97,7 @@ def photo_preparation(folder: Path, n: int, size: int = 224):
     import numpy as np
 
     from training.data import load_rgb, store_augment, to_tensor
-    from train_click import cpu_line
+    from common import cpu_line
 
     paths = sorted(folder.rglob("*.jpg"))
     if not paths:
@@ -160,7 +160,7 @@ def main():
     print(f"glibc keeps freed memory: {kept}")
     print(f"{args.backbone}, batch {args.batch_size}, {torch.get_num_threads()} threads; training images/s (forward + backward + SGD step)\n")
     from ntsnet.predictor import cpu_supports_fast_bf16
-    from train_click import cpu_line
+    from common import cpu_line
 
     bf16 = cpu_supports_fast_bf16()
     from training.train import choose_precision

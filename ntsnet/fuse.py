@@ -10,10 +10,15 @@ the conv's output directly and nothing else reads that output.
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .device import exact_fp32
+
+log = logging.getLogger("ntsnet")
 
 
 def _parent_and_name(root: nn.Module, qualified: str) -> tuple[nn.Module, str]:
@@ -83,12 +88,30 @@ def _changed_output(want: torch.Tensor, got: torch.Tensor, rtol: float) -> float
 
 def inference_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy of an NTS-Net or baseline whose backbone has its BatchNorms folded; the original is
-    left as it was (it is what checkpoints are saved from)."""
+    left as it was (it is what checkpoints are saved from). Folding is a CPU speed trick: on any other device, or
+    when the folded copy does not reproduce the original, the model itself answers (said once in the log), so
+    loading a model never fails for it."""
     param = next(model.backbone.parameters())
+    if param.device.type != "cpu":
+        return model.eval()
     example = torch.randn(1, 3, 64, 64, device=param.device, dtype=param.dtype)
-    folded, _ = fold_batchnorm(model.backbone.eval(), example)  # already a copy
+    try:
+        with exact_fp32():
+            folded, _ = fold_batchnorm(model.backbone.eval(), example)  # already a copy
+    except RuntimeError as exc:
+        _warn_once(f"ntsnet: {exc}; answering with the unfolded model")
+        return model.eval()
     # copy the rest of the model, taking the folded backbone in place of the original instead of copying it too
     return copy.deepcopy(model, memo={id(model.backbone): folded}).eval()
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 class TrainingFold:
@@ -111,7 +134,7 @@ class TrainingFold:
         try:
             pairs = [(module.get_submodule(c), module.get_submodule(b)) for c, b in find_conv_bn_pairs(module, example)]
             self.pairs = [(c, b) for c, b in pairs if b.affine and b.track_running_stats]
-            with torch.no_grad():
+            with torch.no_grad(), exact_fp32():
                 want = module(example)
                 with self:
                     got = module(example)

@@ -18,6 +18,7 @@ import torch
 from . import compiled
 from .checkpoint import build_model, load_checkpoint
 from .fuse import inference_copy
+from .device import resolve_device
 from .images import to_input_tensor, to_rgb_array
 from .model import answer_probabilities
 from .runtime import isa_cap_allows_bf16, keep_freed_memory, single_torch_thread
@@ -54,16 +55,6 @@ class Prediction:
             "top5": [{"label": n, "confidence": round(p, 6)} for n, p in self.top5],
             "boxes": [{k: round(v, 2) for k, v in asdict(b).items()} for b in self.boxes],
         }
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 def cpu_supports_fast_bf16(cpuinfo: str | None = None, training: bool = False) -> bool:

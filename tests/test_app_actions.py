@@ -9,6 +9,8 @@ from PIL import Image
 from synthetic import draw_product, stable_seed
 from webapp import Studio, StudioError
 from webapp import actions as actions_mod
+from webapp import common as webapp_common
+from webapp import live as webapp_live
 
 
 @pytest.fixture
@@ -53,6 +55,32 @@ def test_collect_photos_with_warnings_counts_and_duplicates(studio):
     assert isinstance(thumb, np.ndarray) and max(thumb.shape[:2]) <= actions_mod.THUMBNAIL_PX and thumb.shape[2] == 3
     img = studio.catalogue.images(product="red-box")[0]
     assert img["tags"] == ["front"] and img["source"] == "webcam" and img["split"] == "train"
+
+
+def test_a_burst_saves_the_newest_frame_at_its_interval_within_the_servers_limits(studio, monkeypatch):
+    """The burst loop is a plain function: it saves whatever frame is newest at each tick, reports after each, ends
+    after its seconds, and clamps what a page sends (at most 60 s, at least 100 ms between photos)."""
+    from webapp import capture
+
+    clock = [0.0]
+    monkeypatch.setattr(capture.time, "monotonic", lambda: clock[0])
+    slept = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        clock[0] += seconds
+
+    studio.create_product("red-box")
+    frames = iter([shot(10), None, shot(11), shot(11), shot(12)])
+    steps = list(studio.burst(lambda: next(frames, None), "red-box", ["front"], every_ms=500, seconds=2.2, sleep=sleep))
+    assert [s["saved"] for s in steps] == [1, 2, 2, 3, 3] and steps[-1]["done"] and "3 photos saved" in steps[-1]["message"]
+    assert len(slept) == 5 and set(slept) == {0.5}  # 2.2 s at 0.5 s: five ticks; the frameless tick saved nothing
+    assert studio.photo_count("red-box") == 3
+    clock[0], slept[:] = 0.0, []
+    list(studio.burst(lambda: None, "red-box", every_ms=1, seconds=3600, sleep=sleep))
+    assert set(slept) == {0.1} and len(slept) == 600  # 100 ms apart, for 60 s at most
+    with pytest.raises(StudioError, match="product"):
+        next(studio.burst(lambda: shot(1), None))
 
 
 def test_uploads_labelled_and_unlabelled(studio, tmp_path):
@@ -135,7 +163,7 @@ def test_train_through_the_job_runner_then_recognise_and_evaluate(studio):
 
 def test_unsure_frames_say_so(studio, tiny_checkpoint, monkeypatch):
     studio.set_active_model(str(tiny_checkpoint))
-    monkeypatch.setattr(actions_mod, "UNSURE_BELOW", 1.01)  # nothing is ever sure enough
+    monkeypatch.setattr(webapp_common, "UNSURE_BELOW", 1.01)  # nothing is ever sure enough
     r = studio.recognise(shot(1), wait=True)
     assert not r.sure and r.label.startswith("Not sure")
 
@@ -196,7 +224,7 @@ def test_the_least_recently_answered_visitor_goes_first(studio, tiny_checkpoint)
 def test_live_answers_forget_idle_sessions(monkeypatch):
     live = actions_mod.LiveAnswers(keep_seconds=60, max_sessions=3)
     clock = [1000.0]
-    monkeypatch.setattr(actions_mod.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(webapp_live.time, "monotonic", lambda: clock[0])
     for i in range(5):
         live.answered(f"s{i}", ("answer", i), 0.01)
         clock[0] += 1

@@ -14,8 +14,12 @@ from ntsnet.images import to_input_tensor
 from training import active, jobs
 from training.openset import threshold_record as unknown_threshold
 from training.evaluate import CONDITIONS
-from training.progressive import (ProgressiveConfig, at_input_size, best_answer, choose_test_size, evaluate_answers, evaluate_model, imprinted_head,
-                                  ntsnet_from_classifier, prototype_accuracy, prototype_predictions, candidate_sizes, train_progressive)
+from training.answers import at_input_size, best_answer, candidate_sizes, choose_test_size, evaluate_answers, evaluate_model
+from training.features import imprinted_head, load_arrays, prototype_accuracy, prototype_predictions
+from training.fit import FitContext, StagePlan, WeightAverage, fit
+from training.progressive import ProgressiveConfig, run_job, train_progressive
+from training.run_state import ProgressiveRun
+from training.stages.ntsnet import ntsnet_from_classifier
 
 
 def small_catalogue(root, n_per_class=5, classes=2, seed=0):
@@ -296,18 +300,17 @@ def test_early_parameters_are_the_layers_before_stride_8():
     assert tiny.training and lite.training  # finding them leaves the mode alone
 
 
-def test_finetune_keeps_the_early_layers_frozen_and_trains_the_rest(tmp_path, monkeypatch):
-    import training.progressive as prog
+def test_finetune_keeps_the_early_layers_frozen_and_trains_the_rest(tmp_path):
     from ntsnet.backbones import create_backbone
     from ntsnet.checkpoint import load_checkpoint
 
     calls = iter(range(1000))
-    # every evaluation "improves", so the stage keeps its last weights rather than the starting ones
-    monkeypatch.setattr(prog, "selection_accuracy", lambda *a, **k: next(calls) / 1000)
     cat = small_catalogue(tmp_path / "cat", n_per_class=8)
     cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.2,
                             stages="finetune", input_size=64, batch_size=4, workers=0, precision="fp32", lr=0.05, activate=False)
-    train_progressive(cfg, log=lambda *a: None)
+    run = ProgressiveRun(cfg, log=lambda *a: None)
+    run.judge = lambda *a, **k: next(calls) / 1000  # every evaluation "improves": the stage keeps its last weights
+    run_job(run)
     assert cfg.freeze_stride == 8  # the CPU default
     torch.manual_seed(0)
     start = create_backbone("tiny", pretrained=False).state_dict()
@@ -319,26 +322,25 @@ def test_finetune_keeps_the_early_layers_frozen_and_trains_the_rest(tmp_path, mo
 
 
 @pytest.mark.parametrize("min_steps", [0, 12])
-def test_a_spent_budget_still_gets_the_minimum_of_optimiser_steps_in_stages_2_and_3(tmp_path, monkeypatch, min_steps):
+def test_a_spent_budget_still_gets_the_minimum_of_optimiser_steps_in_stages_2_and_3(tmp_path, min_steps):
     """A busy or slow machine must not turn a click into a skipped stage 2 or 3: with the budget already spent,
     each end-to-end stage takes exactly its minimum of steps; with no minimum (0) they are skipped, as before."""
-    import training.progressive as prog
-
     losses = []  # one loss per optimiser step (no CutMix: a mixed batch computes two)
-    monkeypatch.setattr(prog, "nts_loss", lambda out, y, config, **k: losses.append(config.model) or nts_loss(out, y, config, **k))
     cat = small_catalogue(tmp_path / "cat", n_per_class=6)
     cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.0001,
                             min_steps=min_steps, stages="finetune,ntsnet", input_size=64, cat_num=2, proposal_num=3, batch_size=4,
                             workers=0, precision="fp32", cutmix=0.0, refit="off", activate=False)
     lines = []
-    summary = train_progressive(cfg, log=lines.append)
+    run = ProgressiveRun(cfg, log=lines.append)
+    run.loss = lambda out, y, config, **k: losses.append(config.model) or nts_loss(out, y, config, **k)
+    summary = run_job(run)
     assert [r["stage"] for r in summary["results"]] == (["finetune", "ntsnet"] if min_steps else [])
     assert losses == ["baseline"] * min_steps + ["ntsnet"] * min_steps
     assert sum("minimum of 12 optimiser steps took" in line for line in lines) == (2 if min_steps else 0)
 
 
 def test_ntsnet_trains_at_a_larger_size_only_when_the_time_left_allows_two_epochs_there():
-    from training.progressive import ntsnet_input_size
+    from training.stages.ntsnet import ntsnet_input_size
 
     # the AVX2 EPYC's 60-minute full-set click: stage 2 at 28.8 photos/s, about 1300 s left for 2640 photos
     size, why = ntsnet_input_size(224, lambda s: 1300.0, 28.8, 2640)
@@ -354,22 +356,34 @@ def test_ntsnet_trains_at_a_larger_size_only_when_the_time_left_allows_two_epoch
     assert ntsnet_input_size(448, lambda s: 1e6, 50.0, 2640, on_gpu=True)[0] == 448
 
 
-def test_ntsnet_at_a_larger_size_starts_from_stage_2_at_that_size_and_says_so(tmp_path, monkeypatch):
+def test_ntsnet_at_a_larger_size_starts_from_stage_2_at_that_size_and_says_so(tmp_path):
     """Stage 3 at another size than stage 2: it trains and is saved at that size, its first prediction is stage 2's
     classifier answering at that size, and the log and checkpoint say which size it trained at."""
-    import training.progressive as prog
-
-    starts = []
-    real = prog.ntsnet_from_classifier
-    monkeypatch.setattr(prog, "ntsnet_from_classifier", lambda clf, config: starts.append((clf.config.input_size, config)) or real(clf, config))
     cat = small_catalogue(tmp_path / "cat", n_per_class=6)
     cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.0001,
                             min_steps=4, stages="finetune,ntsnet", input_size=64, ntsnet_size=96, cat_num=2, proposal_num=3,
                             batch_size=4, workers=0, precision="fp32", cutmix=0.0, refit="off", activate=False)
-    lines = []
-    summary = train_progressive(cfg, log=lines.append)
+    lines, starts = [], []
+    run = ProgressiveRun(cfg, log=lines.append)
+    real_fit = run.fit
+
+    def first_prediction(model, plan):  # stage 3 starts as stage 2's classifier answering at 96 px
+        if plan.stage == "ntsnet":
+            x = torch.randn(2, 3, 96, 96)
+            with torch.no_grad():
+                stage2 = at_input_size(stage2_model[0], 96).eval()(x).concat_logits
+                starts.append((model.config.input_size, model.config.part_size, torch.allclose(model.eval()(x).concat_logits, stage2, atol=1e-4)))
+        else:
+            result = real_fit(model, plan)
+            stage2_model[0] = result.model
+            return result
+        return real_fit(model, plan)
+
+    stage2_model = [None]
+    run.fit = first_prediction
+    summary = run_job(run)
     assert [r["stage"] for r in summary["results"]] == ["finetune", "ntsnet"]
-    assert [(size, c.input_size, c.part_size) for size, c in starts] == [(96, 96, 48)]
+    assert starts == [(96, 48, True)]
     assert "ntsnet: trains at 96 px, asked for" in lines
     nts = summary["results"][1]
     saved = Predictor.from_checkpoint(nts["checkpoint"], backend="torch")
@@ -396,19 +410,17 @@ def test_the_job_trains_in_fp32_on_a_cpu_unless_asked_for_bf16(tmp_path, monkeyp
     assert all(t.dtype == torch.float32 for t in weights.values() if t.is_floating_point())  # saved as fp32 either way
 
 
-def test_a_stage_that_never_beat_its_start_is_not_proposed(tmp_path, monkeypatch):
+def test_a_stage_that_never_beat_its_start_is_not_proposed(tmp_path):
     """Its best weights are its starting ones: the same answers as the model before it (for NTS-Net with an
     untrained Navigator, and slower), so the earlier model keeps answering."""
-    import training.progressive as prog
-
     accs = iter([1.0] + [0.5] * 100)  # the fine-tune's start, then every later evaluation worse
-    real = prog.evaluate_model
-    monkeypatch.setattr(prog, "evaluate_model", lambda *a, **k: (1.0, real(*a, **k)[1]))  # the linear stage: 100%
-    monkeypatch.setattr(prog, "selection_accuracy", lambda *a, **k: next(accs))
     cat = small_catalogue(tmp_path / "cat", n_per_class=8)
     cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.3,
                             stages="linear,finetune", input_size=64, views=2, batch_size=4, workers=0, precision="fp32")
-    summary = train_progressive(cfg, log=lambda *a: None)
+    run = ProgressiveRun(cfg, log=lambda *a: None)
+    run.evaluate = lambda *a, **k: (1.0, evaluate_model(*a, **k)[1])  # the linear stage: 100%
+    run.judge = lambda *a, **k: next(accs)
+    summary = run_job(run)
     linear, finetune = summary["results"]
     assert linear["active"] and not finetune["active"]
     assert "starting point" in finetune["verdict"] and finetune["val_acc"] == 1.0
@@ -428,7 +440,6 @@ def test_a_stage_that_never_beat_its_start_is_not_proposed(tmp_path, monkeypatch
     (["--recipe", "paper", "--ntsnet-size", "288"], "--ntsnet-size belongs to the default recipe"),
     (["--recipe", "paper", "--min-steps", "5"], "--min-steps belongs to the default recipe"),
     (["--cutmix", "1.5"], "--cutmix is the share"),
-    (["--ntsnet-cutmix", "-0.1"], "--ntsnet-cutmix is the share"),
     (["--recipe", "paper", "--cutmix", "0.5"], "--cutmix belongs to the default recipe"),
     (["--recipe", "paper", "--ema-share", "0"], "--ema-share belongs to the default recipe"),
     (["--stages", "ntsnet,linear"], "--stages must be"),
@@ -482,24 +493,20 @@ def test_the_default_job_trains_under_torchrun_with_two_gloo_processes(tmp_path)
         assert Predictor.from_checkpoint(x["checkpoint"], backend="torch").config.num_classes == 2
 
 
-def test_the_refit_trains_on_validation_photos_too_and_replaces_the_winner_only_if_not_worse_on_test_photos(tmp_path, monkeypatch):
-    from training import progressive
+def test_the_refit_trains_on_validation_photos_too_and_replaces_the_winner_only_if_not_worse_on_test_photos(tmp_path):
+    from training.gate import photos_trained_on
 
     cat = _three_split_catalogue(tmp_path / "cat")
     seen_items = {}
-    real_fit = progressive._fit
-
-    def spy(model, loss_fn, items, *args, **kw):
-        seen_items[args[7]] = [it["path"] for it in items]  # args[7]: the stage name
-        return real_fit(model, loss_fn, items, *args, **kw)
-
-    monkeypatch.setattr(progressive, "_fit", spy)
     # a budget spent before stage 2 starts: its minimum of steps, not this machine's speed or load, decides what it
     # trains (with 12 s of budget, a busy machine used to spend it all on stage 1 and skip the rest)
     cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.001,
                             min_steps=80, stages="linear,finetune", input_size=64, views=2, batch_size=4, workers=0,
                             precision="fp32", lr=0.02)
-    summary = train_progressive(cfg, log=lambda *a: None)
+    run = ProgressiveRun(cfg, log=lambda *a: None)
+    real_fit = run.fit
+    run.fit = lambda model, plan: seen_items.__setitem__(plan.stage, [it["path"] for it in plan.items]) or real_fit(model, plan)
+    summary = run_job(run)
     snap = json.loads((tmp_path / "run" / "snapshot.json").read_text())
     train, val, test = ({it["path"] for it in snap[s]} for s in ("train", "val", "test"))
     assert set(seen_items["finetune"]) == train
@@ -508,7 +515,7 @@ def test_the_refit_trains_on_validation_photos_too_and_replaces_the_winner_only_
     assert refit["stage"] == "refit" and refit["refit_of"] == "finetune" and refit["val_acc"] is None
     assert refit["test_n"] == len(test)
     extra = Predictor.from_checkpoint(refit["checkpoint"], backend="torch").extra
-    assert extra["trained_on"] == ["train", "val"] and progressive.photos_trained_on(extra) == train | val
+    assert extra["trained_on"] == ["train", "val"] and photos_trained_on(extra) == train | val
     # the finetune stage became active (it was the winner), the refit only if at least as good on the test photos
     winner = summary["results"][1]
     now = active.read(cat.root)
@@ -520,7 +527,7 @@ def test_the_refit_trains_on_validation_photos_too_and_replaces_the_winner_only_
 
 def test_no_refit_without_test_photos_or_when_off(tmp_path):
     from training.data import Snapshot
-    from training.progressive import refit_wanted
+    from training.stages.refit import refit_wanted
 
     photo = {"path": "p", "label": 0}
     both = Snapshot(["a", "b"], [photo] * 10, [photo] * 2, [photo] * 2)
@@ -558,54 +565,49 @@ def test_an_active_model_is_measured_only_on_photos_it_never_trained_on(tmp_path
     assert linear["active"] == (linear["gate"]["acc"] >= progress["bar"]["val_acc"])
 
 
-def test_a_stage_planned_with_no_seconds_left_trains_at_most_one_step(tmp_path):
-    from training import progressive
+def _classifier_and_snapshot(tmp_path, n_per_class):
+    from training.data import take_snapshot
 
-    cat = small_catalogue(tmp_path / "cat")
-    snap = progressive.take_snapshot(cat.root)
-    # no minimum of steps (with one, a spent budget trains exactly that many: test_a_spent_budget_still_gets_...)
-    cfg = ProgressiveConfig(backbone="tiny", batch_size=4, workers=0, freeze_stride=0, min_steps=0)
+    cat = small_catalogue(tmp_path / "cat", n_per_class=n_per_class)
     model = create_model(NTSConfig(model="baseline", backbone="tiny", num_classes=2, input_size=64, cat_num=0, proposal_num=1),
                          pretrained=False)
-    loss_fn = lambda out, y: progressive.nts_loss(out, y, model.config)  # noqa: E731
-    val = progressive._load_arrays(snap.val)
-    _, acc, rows, _ = progressive._fit(model, loss_fn, snap.train, 64, cfg, 0.0, torch.device("cpu"), progressive.contextlib.nullcontext,
-                                       False, lambda **kw: None, "finetune", val, lambda *a: None)
-    assert len(rows) == 1 and rows[0]["epoch"] == 1 and 0.0 <= acc <= 1.0
+    return model, take_snapshot(cat.root)
 
 
-def test_an_evaluation_that_runs_past_the_budget_ends_the_stage_without_another_step_or_evaluation(tmp_path, monkeypatch):
-    """The first epoch ends inside the budget and its evaluation runs past it: the stage ends there. It used to train
-    one more step at the schedule's lr 0, evaluate the same weights again (35 s for NTS-Net at 288 px on 2 cores)
-    and log that its minimum of steps had taken longer than the budget, which it had not."""
-    from training import progressive
+def _plan(model, snap, seconds, stage="finetune", select=True, **kw):
+    return StagePlan(stage, snap.train, 64, seconds, lambda out, y: nts_loss(out, y, model.config),
+                     val=load_arrays(snap.val) if select else None, **kw)
 
+
+def test_a_stage_planned_with_no_seconds_left_trains_at_most_one_step(tmp_path):
+    model, snap = _classifier_and_snapshot(tmp_path, 5)
+    # no minimum of steps (with one, a spent budget trains exactly that many: test_a_spent_budget_still_gets_...)
+    cfg = ProgressiveConfig(backbone="tiny", batch_size=4, workers=0, freeze_stride=0, min_steps=0)
+    result = fit(model, _plan(model, snap, 0.0), FitContext(cfg, torch.device("cpu")))
+    assert len(result.rows) == 1 and result.rows[0]["epoch"] == 1 and 0.0 <= result.accuracy <= 1.0
+
+
+def test_an_evaluation_that_runs_past_the_budget_ends_the_stage_without_another_step_or_evaluation(tmp_path):
+    """The first epoch ends inside the budget and its evaluation runs past it: the stage ends there, with no step at
+    the schedule's lr 0, no second evaluation of the same weights, and no false 'minimum of steps' line."""
     def slow_evaluation(*a, **k):
         time.sleep(1.5)
         return 0.5
 
-    monkeypatch.setattr(progressive, "selection_accuracy", slow_evaluation)
-    cat = small_catalogue(tmp_path / "cat", n_per_class=4)
-    snap = progressive.take_snapshot(cat.root)
+    model, snap = _classifier_and_snapshot(tmp_path, 4)
     cfg = ProgressiveConfig(backbone="tiny", batch_size=4, workers=0, freeze_stride=0, min_steps=1)
-    model = create_model(NTSConfig(model="baseline", backbone="tiny", num_classes=2, input_size=64, cat_num=0, proposal_num=1),
-                         pretrained=False)
-    loss_fn = lambda out, y: progressive.nts_loss(out, y, model.config)  # noqa: E731
     lines = []
-    _, _, rows, _ = progressive._fit(model, loss_fn, snap.train, 64, cfg, 1.0, torch.device("cpu"), progressive.contextlib.nullcontext,
-                                     False, lambda **kw: None, "finetune", progressive._load_arrays(snap.val), lines.append)
+    result = fit(model, _plan(model, snap, 1.0), FitContext(cfg, torch.device("cpu"), log=lines.append, judge=slow_evaluation))
     assert len(snap.train) > cfg.batch_size  # two steps in the first epoch, both inside the 1 s budget
-    assert [r["epoch"] for r in rows] == [1]
+    assert [r["epoch"] for r in result.rows] == [1]
     assert not any("optimiser steps took" in line for line in lines)
 
 
 def test_the_weight_average_moves_by_its_time_constant_and_swaps_in_only_while_applied():
-    from training.progressive import _WeightAverage
-
     layer = torch.nn.Linear(3, 2)
     with torch.no_grad():
         layer.weight.zero_()
-    average = _WeightAverage(layer, tau_seconds=1.0)
+    average = WeightAverage(layer, tau_seconds=1.0)
     with torch.no_grad():
         layer.weight.fill_(1.0)
     average.update(step_seconds=float(np.log(2)))  # one half-life
@@ -616,35 +618,42 @@ def test_the_weight_average_moves_by_its_time_constant_and_swaps_in_only_while_a
 
 @pytest.mark.parametrize("ema_share", [0.0, 1e9])
 @pytest.mark.parametrize("refit", [False, True])
-def test_a_stage_is_judged_and_kept_on_its_averaged_weights(tmp_path, monkeypatch, ema_share, refit):
+def test_a_stage_is_judged_and_kept_on_its_averaged_weights(tmp_path, ema_share, refit):
     """With a time constant far beyond the stage the average never leaves the starting weights, so those are what
     is kept even though every evaluation 'improves'; without averaging the trained weights are kept. A refit (no
     validation photos to select on) ends on the averaged weights too."""
-    from training import progressive
-
     calls = iter(range(1000))
-    monkeypatch.setattr(progressive, "selection_accuracy", lambda *a, **k: next(calls) / 1000)
-    cat = small_catalogue(tmp_path / "cat", n_per_class=8)
-    snap = progressive.take_snapshot(cat.root)
+    model, snap = _classifier_and_snapshot(tmp_path, 8)
     cfg = ProgressiveConfig(backbone="tiny", batch_size=4, workers=0, freeze_stride=0, lr=0.05, ema_share=ema_share)
-    model = create_model(NTSConfig(model="baseline", backbone="tiny", num_classes=2, input_size=64, cat_num=0, proposal_num=1),
-                         pretrained=False)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    loss_fn = lambda out, y: progressive.nts_loss(out, y, model.config)  # noqa: E731
-    val = None if refit else progressive._load_arrays(snap.val)
-    model, _, rows, trained = progressive._fit(model, loss_fn, snap.train, 64, cfg, 2.0, torch.device("cpu"),
-                                               progressive.contextlib.nullcontext, False, lambda **kw: None,
-                                               "refit" if refit else "finetune", val, lambda *a: None)
-    assert trained and rows
-    kept = model.state_dict()
+    plan = _plan(model, snap, 2.0, stage="refit" if refit else "finetune", select=not refit)
+    result = fit(model, plan, FitContext(cfg, torch.device("cpu"), judge=lambda *a, **k: next(calls) / 1000))
+    assert result.trained and result.rows
+    kept = result.model.state_dict()
     same = all(torch.allclose(kept[k], start[k], atol=1e-6) for k in start)
     assert same == (ema_share > 0)
 
 
-def test_nts_net_is_judged_on_its_best_answer_while_it_trains(tmp_path, monkeypatch):
+def test_a_stage_is_judged_on_the_best_answer_of_one_evaluation():
+    """selection_accuracy scores every answer of one pass and takes the best: an NTS-Net whose all-heads answer is
+    right where its Scrutinizer is not counts as right."""
+    from training.answers import selection_accuracy
+
+    net = _small_ntsnet()
+    arrays = [np.random.default_rng(i).integers(0, 255, (50, 60, 3), dtype=np.uint8) for i in range(6)]
+    labels = [0, 1, 2, 0, 1, 2]
+    answers = evaluate_answers(net, arrays, labels)
+    assert selection_accuracy(net, arrays, labels) == max(acc for acc, _ in answers.values())
+    fake = lambda *a, **k: {"scrutinizer": (0.4, []), "all-heads": (0.7, [])}  # noqa: E731
+    assert selection_accuracy(net, arrays, labels, evaluate=fake) == 0.7
+
+
+def test_nts_net_is_judged_on_its_best_answer_while_it_trains(tmp_path):
     """A stage-3 NTS-Net whose Scrutinizer never beats its start but whose all-heads answer does is a trained stage:
     its weights are kept and go on to the test-size choice (judged on the Scrutinizer alone they were thrown away)."""
-    from training import progressive
+    from functools import partial
+
+    from training.answers import selection_accuracy
 
     calls = iter(range(1, 1000))
 
@@ -652,37 +661,35 @@ def test_nts_net_is_judged_on_its_best_answer_while_it_trains(tmp_path, monkeypa
         step = next(calls)
         return {"scrutinizer": (0.5 if step == 1 else 0.4, []), "all-heads": (0.5 + step / 1000, [])}
 
-    monkeypatch.setattr(progressive, "evaluate_answers", answers)
-    cat = small_catalogue(tmp_path / "cat", n_per_class=8)
-    snap = progressive.take_snapshot(cat.root)
+    _, snap = _classifier_and_snapshot(tmp_path, 8)
     nts = NTSConfig(model="ntsnet", backbone="tiny", num_classes=2, input_size=64, part_size=32, proposal_num=3, cat_num=2)
     model = create_model(nts, pretrained=False)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = ProgressiveConfig(backbone="tiny", batch_size=4, workers=0, freeze_stride=0, lr=0.05, ema_share=0)
-    loss_fn = lambda out, y: progressive.nts_loss(out, y, nts)  # noqa: E731
-    model, acc, rows, trained = progressive._fit(model, loss_fn, snap.train, 64, cfg, 2.0, torch.device("cpu"),
-                                                 progressive.contextlib.nullcontext, False, lambda **kw: None, "ntsnet",
-                                                 progressive._load_arrays(snap.val), lambda *a: None, head_lr_mult=1.0)
-    assert trained and acc > 0.5 and rows[-1]["val_acc"] == round(acc, 5)
-    assert not all(torch.equal(model.state_dict()[k], start[k]) for k in start)
+    plan = _plan(model, snap, 2.0, stage="ntsnet", head_lr_mult=1.0)
+    result = fit(model, plan, FitContext(cfg, torch.device("cpu"), judge=partial(selection_accuracy, evaluate=answers)))
+    assert result.trained and result.accuracy > 0.5 and result.rows[-1]["val_acc"] == round(result.accuracy, 5)
+    assert not all(torch.equal(result.model.state_dict()[k], start[k]) for k in start)
 
 
-@pytest.mark.parametrize("shares", [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)])
-def test_each_stage_mixes_the_share_of_batches_it_is_asked_to(tmp_path, monkeypatch, shares):
-    """--cutmix 1 mixes the classifier's batches, --ntsnet-cutmix 1 NTS-Net's, which still trains to finite losses (every
-    term of its loss, the Navigator's ranking included); 0 mixes none (the mixing itself: test_cutmix.py)."""
-    from training import progressive
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_stage_2_mixes_the_share_of_batches_it_is_asked_to_and_stage_3_none(tmp_path, share):
+    """--cutmix 1 mixes every batch of the classifier's stage and none of NTS-Net's, which still trains to finite
+    losses (every term of its loss, the Navigator's ranking included); 0 mixes none (the mixing itself: test_cutmix.py)."""
+    from training.cutmix import cutmix
 
-    stage, mixes, real_fit, real_cutmix = [None], [], progressive._fit, progressive.cutmix
-    monkeypatch.setattr(progressive, "_fit", lambda *a, **k: stage.__setitem__(0, a[10]) or real_fit(*a, **k))
-    monkeypatch.setattr(progressive, "cutmix", lambda x, y, rng: mixes.append(stage[0]) or real_cutmix(x, y, rng))
+    stage, mixes = [None], []
     cat = small_catalogue(tmp_path / "cat", n_per_class=8)
     cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.4,
                             stages="finetune,ntsnet", input_size=64, batch_size=4, workers=0, precision="fp32", lr=0.05,
-                            activate=False, refit="off", cutmix=shares[0], ntsnet_cutmix=shares[1])
-    train_progressive(cfg, log=lambda *a: None)
+                            activate=False, refit="off", cutmix=share)
+    run = ProgressiveRun(cfg, log=lambda *a: None)
+    real_fit = run.fit
+    run.fit = lambda model, plan: stage.__setitem__(0, plan.stage) or real_fit(model, plan)
+    run.mix = lambda x, y, rng: mixes.append(stage[0]) or cutmix(x, y, rng)
+    run_job(run)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if r.get("total") is not None]
     assert {r["stage"] for r in trained} == {"finetune", "ntsnet"}
     assert all(math.isfinite(r[k]) for r in trained for k in ("total", "L_I", "L_S", "L_C"))
-    assert set(mixes) == {s for s, share in zip(("finetune", "ntsnet"), shares) if share}
+    assert set(mixes) == ({"finetune"} if share else set())

@@ -220,40 +220,6 @@ def test_blur_read_as_an_image_size():
     assert curve.as_hard_as(0.60, sizes) == 24 and curve.as_hard_as(0.9, sizes) is None
 
 
-def test_the_blur_finetune_arm_blurs_every_training_view_as_the_evaluation_does_and_only_while_it_trains():
-    from PIL import Image
-
-    import training.data as data
-    from training.evaluate import BLUR_SHARE
-
-    probe = load_benchmark("blur_finetune")
-    checker = (np.indices((120, 90)).sum(0) // 3 % 2 * 255).astype(np.uint8)
-    photo = Image.fromarray(np.repeat(checker[:, :, None], 3, 2))
-    original = data.store_augment
-    plain = np.asarray(original(photo, np.random.default_rng(5), size=64))
-    with probe.training_views("blur"):
-        assert data.store_augment is not original
-        view = np.asarray(data.store_augment(photo, np.random.default_rng(5), size=64))
-    assert data.store_augment is original  # restored after training
-    assert view.shape == plain.shape == (64, 64, 3)
-    assert np.array_equal(view, blur(plain, BLUR_SHARE))  # the same view, then the evaluation's blur at its size
-    assert view.std() < plain.std()
-    with probe.training_views("control"):
-        assert data.store_augment is original
-
-
-def test_the_blur_finetune_probe_refuses_a_folder_that_is_not_a_finished_run(tmp_path, monkeypatch, capsys):
-    probe = load_benchmark("blur_finetune")
-    (tmp_path / "snapshot.json").write_text("{}")
-    monkeypatch.setattr(sys, "argv", ["blur_finetune.py", "--run", str(tmp_path)])
-    with pytest.raises(SystemExit) as exc:
-        probe.main()
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "not a finished job's run folder with a ntsnet stage" in err and "stage3-ntsnet.safetensors" in err
-    assert "snapshot.json" not in err.split("has no")[1]  # only what is missing is named
-
-
 def test_evaluate_end_to_end(catalogue, tmp_path):
     train(tiny_config(catalogue, tmp_path / "run", epochs=3), log=lambda *a: None)
     report = evaluate(tmp_path / "run" / "best.safetensors", catalogue, split="test", out_dir=tmp_path / "rep", progress=False)

@@ -42,7 +42,7 @@ def _add_train_args(p, with_db_out=True):
 
 
 PAPER_ONLY = ("model", "epochs", "part_size", "momentum", "max_train_images", "init_from")
-PROGRESSIVE_ONLY = ("stages", "views", "min_steps", "finetune_share", "ntsnet_size", "freeze_stride", "ema_share", "cutmix", "ntsnet_cutmix", "activate", "refit")
+PROGRESSIVE_ONLY = ("stages", "views", "min_steps", "finetune_share", "ntsnet_size", "freeze_stride", "ema_share", "cutmix", "activate", "refit")
 
 
 def _refuse_other_recipe(given: dict, recipe: str):
@@ -155,9 +155,6 @@ def build_parser():
     p.add_argument("--cutmix", type=float, default=None,
                    help="progressive: share of stage 2's batches mixed with CutMix, a regulariser against learning the "
                         "training photos by heart (0.5; 0: none)")
-    p.add_argument("--ntsnet-cutmix", type=float, default=None,
-                   help="progressive: share of stage 3's batches mixed with CutMix (0; 0.5 in two clicks: once blurred photos "
-                        "read better and sharp ones worse, once both worse)")
     p.add_argument("--refit", choices=["auto", "on", "off"], default=None,
                    help="progressive: train the winning stage again on training + validation photos, kept only if at least as "
                         "accurate on the test photos (auto: catalogues with test photos and at most 1000 training + validation photos)")

@@ -60,6 +60,15 @@ def agree(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True on every process when ``flag`` is true on any of them."""
+    if not active():
+        return flag
+    t = _tensor([float(flag)], device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
 def step_consensus(halt: bool, skip: bool, frac: float, device: torch.device) -> tuple[bool, bool, float]:
     """One collective per training step: stop if any process must (cancel, time), skip the step if any process has
     no readable photos in its batch, and follow process 0's clock for the learning-rate schedule."""

@@ -92,7 +92,7 @@ def compute_metrics(y_true, y_pred, top5, class_names) -> dict:
     }
 
 
-def _eval_items(db, class_names, split):
+def eval_items(db, class_names, split):
     cat = Catalogue(db, create=False)
     index = {n: i for i, n in enumerate(class_names)}
     items, unknown = [], 0
@@ -138,7 +138,7 @@ def evaluate(checkpoint, db, split: str = "test", out_dir=None, conditions=CONDI
     # background=False: a missing compiled export is built first (seconds), then every photo runs compiled
     predictor = predictor or Predictor.from_checkpoint(checkpoint, device=device, precision=precision, background=False)
     names = predictor.class_names
-    items, unknown = _eval_items(db, names, split)
+    items, unknown = eval_items(db, names, split)
     unknown_items = _unknown_items(db, names, unknown_products) if unknown_products else []
     known_scores: list[float] = []
     if not items:

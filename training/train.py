@@ -10,26 +10,23 @@ Running the same command again resumes from resume.pt; a finished run is not ret
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from ntsnet import NTSConfig, create_model, nts_loss, save_checkpoint
 from ntsnet.checkpoint import atomic_write
-from ntsnet.predictor import cpu_supports_fast_bf16, resolve_device
+from ntsnet.device import autocast_for, resolve_device, to_device_of
+from ntsnet.predictor import cpu_supports_fast_bf16
 from ntsnet.runtime import keep_freed_memory, opencv_on_one_thread
 
 from . import distributed
 from .data import PhotoDataset, Snapshot, collate, take_snapshot
+from .runfiles import CancelFlag, RunFiles
 
 
 @dataclass
@@ -49,7 +46,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
-    max_minutes: float | None = None   # training-time budget (evaluation excluded); stops mid-epoch if needed
+    max_minutes: float | None = None   # wall-clock budget, evaluations included; stops mid-epoch if needed
     device: str = "auto"
     precision: str = "auto"            # auto | fp32 | bf16
     workers: int = 2
@@ -67,6 +64,8 @@ class RunState:
     finished: bool = False
     stop_reason: str = ""
     history: list = field(default_factory=list)
+    wall_seconds: float = 0.0          # the run's wall clock over complete epochs, evaluations included
+    eval_seconds: float = 0.0          # the last evaluation's length: what the budget keeps for the next
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -82,222 +81,243 @@ def choose_precision(device: torch.device, requested: str, bf16_on_cpu: bool = T
     return "fp32"
 
 
-def _write_json(path: Path, obj):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
-
-
-class Progress:
-    """progress.json: what the job runner and the UI show while the run is alive."""
-
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.path, self.enabled, self.data = run_dir / "progress.json", enabled, {}
-
-    def update(self, **kw):
-        if not self.enabled:
-            return
-        self.data.update(kw, updated=time.time(), pid=os.getpid())
-        _write_json(self.path, self.data)
-
-
-def _evaluate_accuracy(model, loader, device, autocast, channels_last) -> tuple[float, int]:
+@torch.inference_mode()
+def evaluate_accuracy(model, loader, autocast) -> tuple[float, int]:
+    """Top-1 accuracy of the Scrutinizer on a loader's photos, on the model's device."""
     model.eval()
     correct = total = 0
-    with torch.inference_mode(), autocast():
+    with autocast():
         for x, y, _ in loader:
             if x is None:
                 continue
-            x = x.to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            pred = model(x, num_parts=model.config.cat_num).concat_logits.argmax(1).cpu()
+            pred = model(to_device_of(model, x), num_parts=model.config.cat_num).concat_logits.argmax(1).cpu()
             correct += int((pred == y).sum())
             total += len(y)
     return (correct / total if total else float("nan")), total
 
 
+class PaperRun:
+    """One run of the paper's recipe: its settings, device, photos, model, optimiser, files and saved state."""
+
+    def __init__(self, cfg: TrainConfig, log=print):
+        self.cfg = cfg
+        self.world, rank, _ = distributed.info()
+        self.main = rank == 0
+        self.log = log if self.main else (lambda *a, **k: None)
+        self.run_dir = Path(cfg.out)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.state, saved = RunState(), None
+        if (self.run_dir / "resume.pt").exists():
+            saved = torch.load(self.run_dir / "resume.pt", map_location="cpu", weights_only=True)  # our own file, still no pickle
+            self.state = RunState(**saved["state"])
+        self.saved = saved
+
+    def already_finished(self) -> bool:
+        return self.state.finished and self.state.epoch >= self.cfg.epochs
+
+    def setup(self):
+        cfg = self.cfg
+        self.state.finished = False
+        self.device = distributed.start(resolve_device(cfg.device))
+        self.precision = choose_precision(self.device, cfg.precision)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # DataLoader workers fork after this and inherit it
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
+        opencv_on_one_thread()  # inherited by the workers too
+        self.autocast = autocast_for(self.device, self.precision)
+        self.files = RunFiles(self.run_dir, enabled=self.main)
+        snap_path = self.run_dir / "snapshot.json"
+        if self.main and not snap_path.exists():  # frozen at the first start, reused on resume
+            take_snapshot(cfg.db, exclude=[p.strip() for p in cfg.exclude_products.split(",") if p.strip()]).save(snap_path)
+            self.files.write_config(asdict(cfg))
+        distributed.barrier()
+        self.snap = Snapshot.load(snap_path)
+        self.train_items = self.snap.train[: cfg.max_train_images] if cfg.max_train_images else self.snap.train
+        self.val_items = self.snap.val or self.snap.test
+        self._model()
+        self.cancel = CancelFlag(self.run_dir)
+        self.budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+        self.files.set_metrics(self.state.history)  # metrics.jsonl mirrors the saved state: drop rows a crash lost
+
+    def _model(self):
+        cfg = self.cfg
+        self.model_cfg = NTSConfig(model=cfg.model, backbone=cfg.backbone, num_classes=len(self.snap.class_names), input_size=cfg.input_size,
+                                   part_size=cfg.part_size, proposal_num=cfg.proposal_num, cat_num=cfg.cat_num)
+        torch.manual_seed(cfg.seed)  # the new heads' initial weights
+        model = create_model(self.model_cfg, pretrained=cfg.pretrained and self.saved is None)
+        if self.saved is not None:
+            model.load_state_dict(self.saved["model"])
+        elif cfg.init_from:
+            self.log(_warm_start(model, cfg.init_from, self.snap.class_names))
+        model.to(self.device)
+        # oneDNN is faster in NHWC, in fp32 too
+        self.model = model.to(memory_format=torch.channels_last) if self.device.type == "cpu" else model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        if self.saved is not None:
+            self.optimizer.load_state_dict(self.saved["optimizer"])
+        self.net = distributed.wrap(self.model, self.device)
+
+    def loaders(self):
+        cfg, on_gpu = self.cfg, self.device.type == "cuda"
+        self.train_ds = PhotoDataset(self.train_items, cfg.input_size, train=True, seed=cfg.seed, mean=self.model.mean, std=self.model.std)
+        val_ds = PhotoDataset(self.val_items, cfg.input_size, train=False, mean=self.model.mean, std=self.model.std)
+        self.loader_kw = dict(batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.workers, pin_memory=on_gpu)
+        self.val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, **self.loader_kw)
+
+    def epoch_loader(self, epoch: int):
+        self.train_ds.epoch = epoch
+        torch.manual_seed(self.cfg.seed * 100_003 + epoch)  # dropout and anything else random: reproducible on resume
+        order = torch.randperm(len(self.train_ds), generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)).tolist()
+        order = distributed.shard(order, self.world, distributed.info()[1])
+        drop_last = len(order) > self.cfg.batch_size  # BatchNorm cannot train on a batch of one
+        return torch.utils.data.DataLoader(self.train_ds, sampler=order, drop_last=drop_last, **self.loader_kw)
+
+    def out_of_time(self, t_epoch: float) -> bool:
+        """Wall clock, evaluations included: stop when the epoch so far and the last evaluation's length would reach
+        the budget (a first epoch guesses its evaluation from the training speed)."""
+        spent = self.state.wall_seconds + (time.perf_counter() - t_epoch)
+        return spent + self.state.eval_seconds >= self.budget
+
+
+def train_one_epoch(run: PaperRun, epoch: int, stop: dict) -> dict:
+    """One epoch of SGD (the paper's fixed learning rate); returns its sums (losses, photos, right, skipped, steps)."""
+    cfg, state, device = run.cfg, run.state, run.device
+    loader = run.epoch_loader(epoch)
+    run.net.train()
+    sums = {"total": 0.0, "L_I": 0.0, "L_S": 0.0, "L_C": 0.0}
+    tally = {"seen": 0, "correct": 0, "skipped": 0, "steps": 0, "t_epoch": time.perf_counter()}
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not run.main, leave=True)
+    for x, y, n_skipped in bar:
+        tally["skipped"] += n_skipped
+        if run.cancel:
+            stop["reason"] = "cancelled"
+        if stop["reason"]:
+            break
+        if x is None:
+            continue
+        t0 = time.perf_counter()
+        x, y = to_device_of(run.model, x), y.to(device, non_blocking=True)
+        with run.autocast():
+            out = run.net(x)
+        losses = nts_loss(out, y, run.model_cfg, label_smoothing=cfg.label_smoothing)
+        run.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        run.optimizer.step()
+        state.train_seconds += time.perf_counter() - t0
+        tally["steps"] += 1
+        tally["seen"] += len(y)
+        tally["correct"] += int((out.concat_logits.argmax(1) == y).sum())
+        for k in sums:
+            sums[k] += float(losses[k].detach()) * len(y)
+        _report_step(run, bar, epoch, len(loader), sums, tally)
+        if run.out_of_time(tally["t_epoch"]):
+            stop["reason"] = "time budget"
+            break
+    return {"sums": sums, **tally}
+
+
+def _report_step(run: PaperRun, bar, epoch: int, n_steps: int, sums: dict, tally: dict):
+    seen, steps = tally["seen"], tally["steps"]
+    elapsed = time.perf_counter() - tally["t_epoch"]
+    rate = seen * run.world / max(elapsed, 1e-9)
+    if not run.state.eval_seconds:  # a first guess: inference costs about a third of a training step
+        run.state.eval_seconds = len(run.val_items) / max(rate, 1e-9) / 3
+    bar.set_postfix(loss=f"{sums['total'] / seen:.3f}", L_I=f"{sums['L_I'] / seen:.2f}", L_S=f"{sums['L_S'] / seen:.2f}",
+                    L_C=f"{sums['L_C'] / seen:.2f}", acc=f"{tally['correct'] / seen:.2f}", img_s=f"{rate:.1f}")
+    if steps % 5 == 0 or steps == n_steps:
+        left = (n_steps - steps) * elapsed / steps + (run.cfg.epochs - epoch) * n_steps * elapsed / steps
+        spent = run.state.wall_seconds + elapsed
+        run.files.update(state="running", epoch=epoch, epochs=run.cfg.epochs, step=steps, steps=n_steps,
+                         loss={k: round(v / seen, 4) for k, v in sums.items()}, train_acc=round(tally["correct"] / seen, 4),
+                         images_per_s=round(rate, 2), eta_seconds=round(min(left, run.budget - spent), 1),
+                         best_val_acc=run.state.best_val if run.state.best_val >= 0 else None, device=str(run.device), precision=run.precision)
+
+
+def end_epoch(run: PaperRun, epoch: int, tally: dict, stop: dict):
+    """Process 0 evaluates, saves resume.pt and the checkpoints, and writes the metrics; the clock counts it all."""
+    state, cfg = run.state, run.cfg
+    sums, seen = tally["sums"], tally["seen"]
+    t_eval = time.perf_counter()
+    val_acc, n_val = evaluate_accuracy(run.model, run.val_loader, run.autocast)
+    state.eval_seconds = time.perf_counter() - t_eval
+    epoch_seconds = time.perf_counter() - tally["t_epoch"]
+    state.wall_seconds += epoch_seconds
+    row = {"epoch": epoch, **{k: round(v / seen, 5) for k, v in sums.items()}, "train_acc": round(tally["correct"] / seen, 5),
+           "val_acc": None if math.isnan(val_acc) else round(val_acc, 5), "val_n": n_val,
+           "images_per_s": round(seen * run.world / epoch_seconds, 2), "lr": run.optimizer.param_groups[0]["lr"],
+           "train_minutes": round(state.train_seconds / 60, 3), "wall_minutes": round(state.wall_seconds / 60, 3),
+           "skipped_images": tally["skipped"], "partial_epoch": bool(stop["reason"])}
+    state.epoch = epoch
+    state.history.append(row)
+    score = row["val_acc"] if row["val_acc"] is not None else row["train_acc"]
+    improved = score > state.best_val
+    state.best_val = max(state.best_val, score)
+    state.finished = epoch >= cfg.epochs or bool(stop["reason"])
+    state.stop_reason = stop["reason"] or ("finished" if state.finished else "")
+    extra = {"metrics": row, "class_count": len(run.snap.class_names), "train_images": len(run.train_items), "run_dir": str(run.run_dir),
+             "train_config": asdict(cfg)}
+    _save_epoch(run.run_dir, run.model, run.optimizer, state, run.snap.class_names, extra, improved)
+    run.files.set_metrics(state.history)
+    run.log(f"epoch {epoch}: loss {row['total']:.3f} (L_I {row['L_I']:.3f}, L_S {row['L_S']:.3f}, L_C {row['L_C']:.3f}), "
+            f"train acc {row['train_acc']:.3f}, val acc {row['val_acc'] if row['val_acc'] is not None else '-'}, "
+            f"{row['images_per_s']} img/s" + (f", skipped {tally['skipped']} unreadable photos" if tally["skipped"] else ""))
+
+
 # -------------------------------------------------------------------------------------------- train
 def train(cfg: TrainConfig, log=print) -> dict:
-    world, rank, _ = distributed.info()
-    main_proc = rank == 0
-    log = log if main_proc else (lambda *a, **k: None)
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume_path = run_dir / "resume.pt"
-
-    state = RunState()
-    if resume_path.exists():
-        saved = torch.load(resume_path, map_location="cpu", weights_only=True)  # our own file, still no pickle
-        state = RunState(**saved["state"])
-        if state.finished and state.epoch >= cfg.epochs:
-            log(f"run {run_dir} already finished ({state.epoch} epochs, {state.stop_reason}); nothing to do")
-            return {"run_dir": str(run_dir), "state": "finished", **(state.history[-1] if state.history else {})}
-        state.finished = False
-    else:
-        saved = None
-
-    device = distributed.start(resolve_device(cfg.device))
-    precision = choose_precision(device, cfg.precision)
-    if device.type == "cpu":
-        keep_freed_memory()  # DataLoader workers fork after this and inherit it
-    opencv_on_one_thread()  # inherited by the workers too
-    channels_last = device.type == "cpu"  # oneDNN is faster in NHWC in fp32 too (1.3x on AVX2, benchmarks/train_throughput.py)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
-
-    # snapshot: frozen at the first start, reused on resume
-    snap_path = run_dir / "snapshot.json"
-    if main_proc and not snap_path.exists():
-        take_snapshot(cfg.db, exclude=[p.strip() for p in cfg.exclude_products.split(",") if p.strip()]).save(snap_path)
-        _write_json(run_dir / "config.json", asdict(cfg))
-    distributed.barrier()
-    snap = Snapshot.load(snap_path)
-    train_items = snap.train[: cfg.max_train_images] if cfg.max_train_images else snap.train
-    val_items = snap.val or snap.test
-
-    model_cfg = NTSConfig(model=cfg.model, backbone=cfg.backbone, num_classes=len(snap.class_names), input_size=cfg.input_size,
-                          part_size=cfg.part_size, proposal_num=cfg.proposal_num, cat_num=cfg.cat_num)
-    torch.manual_seed(cfg.seed)  # the new heads' initial weights
-    model = create_model(model_cfg, pretrained=cfg.pretrained and saved is None)
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-    elif cfg.init_from:
-        log(_warm_start(model, cfg.init_from, snap.class_names))
-    model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
-    net = distributed.wrap(model, device)
-
-    progress = Progress(run_dir, main_proc)
-    stop = {"reason": ""}
-    cancel_file = run_dir / "CANCEL"
-
-    def on_signal(signum, frame):
-        stop["reason"] = "cancelled"
-
-    with contextlib.suppress(ValueError):  # only possible in the main thread
-        signal.signal(signal.SIGTERM, on_signal)
-
-    log(f"device {device} ({world} process{'es' if world > 1 else ''}), precision {precision}"
-        + (" autocast + channels_last" if channels_last else "") + f"; {cfg.model} on {cfg.backbone}, "
-        f"{len(snap.class_names)} products, {len(train_items)} training / {len(val_items)} validation photos")
+    """The paper's recipe (see the module docstring); returns the run's summary."""
+    run = PaperRun(cfg, log)
+    if run.already_finished():
+        st = run.state
+        run.log(f"run {run.run_dir} already finished ({st.epoch} epochs, {st.stop_reason}); nothing to do")
+        return {"run_dir": str(run.run_dir), "state": "finished", **(st.history[-1] if st.history else {})}
+    run.setup()
+    run.loaders()
+    state, stop = run.state, {"reason": ""}
+    run.log(f"device {run.device} ({run.world} process{'es' if run.world > 1 else ''}), precision {run.precision}"
+            f"; {cfg.model} on {cfg.backbone}, {len(run.snap.class_names)} products, {len(run.train_items)} training / "
+            f"{len(run.val_items)} validation photos")
     if state.epoch:
-        log(f"resuming after epoch {state.epoch} ({state.train_seconds / 60:.1f} min trained so far)")
-
-    train_ds = PhotoDataset(train_items, cfg.input_size, train=True, seed=cfg.seed, mean=model.mean, std=model.std)
-    val_ds = PhotoDataset(val_items, cfg.input_size, train=False, mean=model.mean, std=model.std)
-    loader_kw = dict(batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.workers, persistent_workers=False)
-    val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, **loader_kw)
-    budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-    # metrics.jsonl mirrors the saved state: drop lines of epochs a crash lost
-    metrics_path = run_dir / "metrics.jsonl"
-    if main_proc:
-        _write_json_lines(metrics_path, state.history)
-
+        run.log(f"resuming after epoch {state.epoch} ({state.train_seconds / 60:.1f} min trained so far)")
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        train_ds.epoch = epoch
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and anything else random: reproducible on resume
-        order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
-        order = distributed.shard(order, world, rank)
-        drop_last = len(order) > cfg.batch_size  # BatchNorm cannot train on a batch of one
-        loader = torch.utils.data.DataLoader(train_ds, sampler=order, drop_last=drop_last, **loader_kw)
-        net.train()
-        sums = {"total": 0.0, "L_I": 0.0, "L_S": 0.0, "L_C": 0.0}
-        seen = correct = skipped = steps = 0
-        t_epoch = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not main_proc, leave=True)
-        for x, y, n_skipped in bar:
-            skipped += n_skipped
-            if cancel_file.exists():
-                stop["reason"] = "cancelled"
-            if stop["reason"]:
-                break
-            if x is None:
-                continue
-            t0 = time.perf_counter()
-            x, y = x.to(device), y.to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                out = net(x)
-            losses = nts_loss(out, y, model_cfg, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            optimizer.step()
-            state.train_seconds += time.perf_counter() - t0
-            steps += 1
-            seen += len(y)
-            correct += int((out.concat_logits.argmax(1) == y).sum())
-            for k in sums:
-                sums[k] += float(losses[k].detach()) * len(y)
-            rate = seen * world / max(time.perf_counter() - t_epoch, 1e-9)
-            bar.set_postfix(loss=f"{sums['total'] / seen:.3f}", L_I=f"{sums['L_I'] / seen:.2f}", L_S=f"{sums['L_S'] / seen:.2f}",
-                            L_C=f"{sums['L_C'] / seen:.2f}", acc=f"{correct / seen:.2f}", img_s=f"{rate:.1f}")
-            if steps % 5 == 0 or steps == len(loader):
-                left = (len(loader) - steps) * (time.perf_counter() - t_epoch) / steps
-                left += (cfg.epochs - epoch) * len(loader) * (time.perf_counter() - t_epoch) / steps
-                progress.update(state="running", epoch=epoch, epochs=cfg.epochs, step=steps, steps=len(loader),
-                                loss={k: round(v / seen, 4) for k, v in sums.items()}, train_acc=round(correct / seen, 4),
-                                images_per_s=round(rate, 2), eta_seconds=round(min(left, budget - state.train_seconds), 1),
-                                best_val_acc=state.best_val if state.best_val >= 0 else None, device=str(device), precision=precision)
-            if state.train_seconds >= budget:
-                stop["reason"] = "time budget"
-                break
-        if world > 1:  # every process must agree to stop, or the others hang in all-reduce
-            flag = torch.tensor([1.0 if stop["reason"] else 0.0], device=device)
-            dist.all_reduce(flag)
-            if flag.item() and not stop["reason"]:
-                stop["reason"] = "time budget"
+        tally = train_one_epoch(run, epoch, stop)
+        if distributed.any_process(bool(stop["reason"]), run.device) and not stop["reason"]:
+            stop["reason"] = "time budget"  # every process must stop together, or the others hang in all-reduce
         if stop["reason"] == "cancelled":
-            log(f"cancelled during epoch {epoch}; the last complete epoch ({state.epoch}) is saved")
+            run.log(f"cancelled during epoch {epoch}; the last complete epoch ({state.epoch}) is saved")
             break
-        if seen == 0:
-            log("error: no readable training photos in this epoch")
+        if tally["seen"] == 0:
+            run.log("error: no readable training photos in this epoch")
             stop["reason"] = "no data"
             break
-        if main_proc:
-            val_acc, n_val = _evaluate_accuracy(model, val_loader, device, autocast, channels_last)
-            epoch_seconds = time.perf_counter() - t_epoch
-            row = {"epoch": epoch, **{k: round(v / seen, 5) for k, v in sums.items()}, "train_acc": round(correct / seen, 5),
-                   "val_acc": None if math.isnan(val_acc) else round(val_acc, 5), "val_n": n_val,
-                   "images_per_s": round(seen * world / epoch_seconds, 2), "lr": optimizer.param_groups[0]["lr"],
-                   "train_minutes": round(state.train_seconds / 60, 3), "skipped_images": skipped, "partial_epoch": bool(stop["reason"])}
-            state.epoch = epoch
-            state.history.append(row)
-            score = row["val_acc"] if row["val_acc"] is not None else row["train_acc"]
-            improved = score > state.best_val
-            state.best_val = max(state.best_val, score)
-            state.finished = epoch >= cfg.epochs or bool(stop["reason"])
-            state.stop_reason = stop["reason"] or ("finished" if state.finished else "")
-            extra = {"metrics": row, "class_count": len(snap.class_names), "train_images": len(train_items), "run_dir": str(run_dir),
-                     "train_config": asdict(cfg)}
-            _save_epoch(run_dir, model, optimizer, state, snap.class_names, extra, improved)
-            _write_json_lines(metrics_path, state.history)
-            log(f"epoch {epoch}: loss {row['total']:.3f} (L_I {row['L_I']:.3f}, L_S {row['L_S']:.3f}, L_C {row['L_C']:.3f}), "
-                f"train acc {row['train_acc']:.3f}, val acc {row['val_acc'] if row['val_acc'] is not None else '-'}, "
-                f"{row['images_per_s']} img/s" + (f", skipped {skipped} unreadable photos" if skipped else ""))
+        if run.main:
+            end_epoch(run, epoch, tally, stop)
         else:
             state.epoch = epoch
         distributed.barrier()
         if stop["reason"]:
-            log(f"stopped: {stop['reason']} after {state.train_seconds / 60:.1f} min of training")
+            run.log(f"stopped: {stop['reason']} after {state.wall_seconds / 60:.1f} min")
             break
+    return _finish(run, stop)
 
-    if main_proc and state.finished and (run_dir / "best.safetensors").exists() and snap.val:
+
+def _finish(run: PaperRun, stop: dict) -> dict:
+    state, cfg = run.state, run.cfg
+    if run.main and state.finished and (run.run_dir / "best.safetensors").exists() and run.snap.val:
         from .openset import calibrate_checkpoint
 
-        t = calibrate_checkpoint(run_dir / "best.safetensors", snap.val)
-        log("unknown-product threshold: " + (f"{t:.3f} (max softmax keeping 95% of validation photos)" if t is not None
-                                             else "none (too few validation photos to calibrate: never answers 'unknown')"))
+        t = calibrate_checkpoint(run.run_dir / "best.safetensors", run.snap.val)
+        run.log("unknown-product threshold: " + (f"{t:.3f} (max softmax keeping 95% of validation photos)" if t is not None
+                                                 else "none (too few validation photos to calibrate: never answers 'unknown')"))
     final = "cancelled" if stop["reason"] == "cancelled" else ("failed" if stop["reason"] == "no data" else "finished")
     if final == "finished" and state.epoch < cfg.epochs and not stop["reason"]:
         final = "cancelled"
-    progress.update(state=final, epoch=state.epoch, epochs=cfg.epochs, best_val_acc=state.best_val if state.best_val >= 0 else None,
-                    stop_reason=stop["reason"] or "finished", eta_seconds=0)
+    run.files.update(state=final, epoch=state.epoch, epochs=cfg.epochs, best_val_acc=state.best_val if state.best_val >= 0 else None,
+                     stop_reason=stop["reason"] or "finished", eta_seconds=0)
     distributed.finish()
     last = state.history[-1] if state.history else {}
-    return {"run_dir": str(run_dir), "state": final, "best_val_acc": state.best_val, **last}
+    return {"run_dir": str(run.run_dir), "state": final, "best_val_acc": state.best_val, **last}
 
 
 def _warm_start(model, checkpoint: str, class_names) -> str:
@@ -313,10 +333,6 @@ def _warm_start(model, checkpoint: str, class_names) -> str:
             and (same_classes or not k.split(".")[0].endswith("_head"))}
     model.load_state_dict(take, strict=False)
     return f"warm start from {checkpoint}: {len(take)} of {len(own)} tensors" + ("" if same_classes else " (backbone only: other products)")
-
-
-def _write_json_lines(path: Path, rows):
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
 def _save_epoch(run_dir: Path, model, optimizer, state: RunState, class_names, extra, improved: bool):
