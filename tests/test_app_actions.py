@@ -120,6 +120,7 @@ def fill(studio, n=8):
             studio.save_photo(shot(stable_seed(name, i), name), name)
 
 
+@pytest.mark.slow
 def test_train_through_the_job_runner_then_recognise_and_evaluate(studio):
     fill(studio)
     ok, _ = studio.training_readiness()
@@ -235,6 +236,7 @@ def test_live_answers_forget_idle_sessions(monkeypatch):
     assert live.sessions() == 1
 
 
+@pytest.mark.slow
 def test_cancel_from_the_app(studio):
     fill(studio, n=6)
     studio.start_training("tiny", recipe="paper", epochs=500, input_size=96, lr=0.05)

@@ -136,6 +136,7 @@ def test_the_training_folds_check_runs_with_tf32_off_and_restores_it():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
+@pytest.mark.slow
 def test_the_paper_recipes_budget_is_wall_clock_with_its_evaluations(tmp_path, monkeypatch):
     """--max-minutes counted only training steps: a slow evaluation (a large validation set, a busy GPU) ran the job
     far past its budget. Now each epoch's evaluation counts, and the next one's is kept in reserve."""

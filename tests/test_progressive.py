@@ -265,6 +265,7 @@ def test_two_products_five_photos_train_through_every_stage(tmp_path, opencv_poo
             assert r["val_acc"] == pytest.approx(r["test_sizes"][key]["clean"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_cancel_keeps_the_best_model_so_far_active(tmp_path):
     # 10 photos a product: with this seed the tiny random backbone's linear stage beats the instant model (75% -> 100%)
     cat = small_catalogue(tmp_path / "cat", n_per_class=10)
@@ -466,6 +467,7 @@ def test_every_process_gets_an_equal_disjoint_share_of_an_epoch():
     assert shard(list(range(10)), 1, 0) == list(range(10))
 
 
+@pytest.mark.slow
 def test_the_default_job_trains_under_torchrun_with_two_gloo_processes(tmp_path):
     import os
     import subprocess

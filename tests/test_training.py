@@ -262,6 +262,7 @@ def test_corrupt_photo_at_training_time_is_skipped_and_counted(tmp_path):
     assert summary["state"] == "finished" and summary["skipped_images"] == 1
 
 
+@pytest.mark.slow
 def test_ddp_with_two_gloo_processes(catalogue, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training", "train",
            "--db", str(catalogue), "--out", str(tmp_path / "ddp"), "--epochs", "1", *TINY_ARGS, "--device", "cpu"]
