@@ -105,8 +105,8 @@ def select_proposals(scores: torch.Tensor, anchors: torch.Tensor, top_n: int, io
     """Hard NMS per image; returns (B, top_n) anchor indices, best first.
 
     Greedy: take the highest-scoring anchor, drop every anchor overlapping it by IoU > threshold, repeat.
-    On a CPU with the anchors' ``suppression_table`` this stops after ``top_n`` picks (0.1 ms instead of
-    torchvision's 2 ms, which suppresses over all anchors); elsewhere all images go through one ``batched_nms``
+    On a CPU with the anchors' ``suppression_table`` this stops after ``top_n`` picks (torchvision's
+    ``batched_nms`` suppresses over all anchors); elsewhere all images go through one ``batched_nms``
     call. In the rare case that fewer than ``top_n`` anchors survive (tiny inputs have few anchors), the best
     suppressed ones fill the gap so shapes stay fixed.
     """

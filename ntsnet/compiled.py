@@ -2,8 +2,8 @@
 
 An NTS-Net frame is two backbone passes with a little PyTorch in between (hard NMS over the anchors, the
 heads). The passes are exported as two graphs, ``whole`` (image -> whole-image feature and the Navigator's
-anchor scores) and ``parts`` (part crops -> part features); NMS, the crops (crops.py: 5 ms for four 224 px
-crops, where OpenVINO's ROIAlign took 18) and the heads stay in ``NTSNet.forward``, so eager and compiled
+anchor scores) and ``parts`` (part crops -> part features); NMS, the crops (crops.py, faster than
+OpenVINO's ROIAlign) and the heads stay in ``NTSNet.forward``, so eager and compiled
 inference share one code path (``forward(x, engine=...)``).
 
 Why OpenVINO: on a 2-core AVX2 CPU in fp32 its Lite0 graphs ran 2.9x faster than eager PyTorch and 1.2-1.6x
@@ -257,8 +257,8 @@ def load_or_build(model: nn.Module, checkpoint: Path | None, key: str, precision
 
 def graph_precisions(precision: str) -> dict[str, str]:
     """'auto' keeps the ``whole`` graph in fp32 and lets the CPU choose for ``parts``. The Navigator ranks ~1,600
-    anchor scores, many nearly tied: bf16's rounding there picked other boxes than fp32 on 20% of the grocery val
-    photos (a trained model on a Zen 4; top-1 still agreed on 99%), while the part features tolerate bf16. The
+    anchor scores, many nearly tied: bf16's rounding there picks other boxes than fp32 on
+    many photos, while the part features tolerate bf16. The
     parts graph is about half of a frame's work, so most of bf16's speed stays (benchmarks/inference_backends.py)."""
     if precision == "auto":
         return {"whole": "fp32", "parts": "auto"}

@@ -3,9 +3,8 @@
 Each output pixel of roi_align averages ``sampling``² bilinear samples, and bilinear weights factor into a
 row weight times a column weight (its "zero outside the image" rule too), so a crop is
 ``rows_weights @ image @ column_weights``: per box, a gather of the few image rows the box reads, then one
-small matrix product over the columns it spans. On a 2-core AVX2 CPU four 224 px crops of a 448 px image
-take ~5 ms this way against ~17 ms in torchvision's single-threaded kernel and ~18 ms in OpenVINO's
-ROIAlign (``benchmarks/inference_backends.py``). Sample positions use torchvision's float arithmetic, so
+small matrix product over the columns it spans: several times faster on a CPU than torchvision's single-threaded
+kernel or OpenVINO's ROIAlign (``benchmarks/inference_backends.py``). Sample positions use torchvision's float arithmetic, so
 the crops match it to summation order (~5e-7); ``tests/test_crops.py`` holds them to it.
 """
 from __future__ import annotations

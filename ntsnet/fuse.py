@@ -1,8 +1,7 @@
 """An inference-only rewrite that computes the same function faster: BatchNorm folded into the conv before it.
 
 In eval mode a BatchNorm is an affine map per channel, so it can be multiplied into the preceding conv's
-weights and bias. On this CPU that removes a full pass over every activation map (about a tenth of an
-NTS-Net forward pass: ``python benchmarks/predict_latency.py --levers``). In fp32 the answers are the same;
+weights and bias, which removes a full pass over every activation map (benchmarks/RESULTS.md). In fp32 the answers are the same;
 in bf16 the folded weights round differently, as much as bf16 itself moves answers from fp32. Which conv feeds which BatchNorm is not
 guessed from names: a probe forward pass records it, and a pair is folded only when the BatchNorm reads
 the conv's output directly and nothing else reads that output.
@@ -121,9 +120,7 @@ class TrainingFold:
     each paired conv computes with weights folded anew from the live parameters on every call, so autograd
     carries the gradients to the conv's weights and to the BatchNorm's weight and bias exactly as without the
     fold, and the state dict (what checkpoints, the weight average and DDP see) does not change. It saves the
-    BatchNorm's own pass over every activation map, forward and backward: on real grocery batches, pretrained Lite0,
-    fp32 on a 2-core Zen 4 EPYC, +10% images/s for the classifier and +21% for NTS-Net 224/112
-    (``python benchmarks/train_throughput.py --fold --batch-size 16 --configs 0,4``).
+    BatchNorm's own pass over every activation map, forward and backward (``train_throughput.py --fold``).
 
     Pairs are found as for ``fold_batchnorm``; if the folded module's output differs from the original on a
     probe (a conv output read where hooks cannot see), nothing is folded and ``self.pairs`` is empty."""

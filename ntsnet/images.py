@@ -59,7 +59,7 @@ def to_input_tensor(images: list[np.ndarray], size: int, mean, std) -> torch.Ten
     batch = []
     for arr in images:
         # resized as uint8 (an HWC array is a channels_last tensor: PyTorch's vectorised PIL-style path), like the
-        # training photos (PIL); converting the full frame to float first cost 2x (1 ms at 224, 2 ms at 448)
+        # training photos (PIL); converting the full frame to float first costs twice as much
         t = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
         t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         batch.append(t)

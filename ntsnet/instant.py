@@ -52,8 +52,7 @@ class Embedder:
 
             def build():
                 try:
-                    # fp32 on every CPU: stored embeddings must not depend on which path made them (bf16 moved
-                    # them by 0.02 on a Zen 4), and fp32 already meets the 15 ms budget (11.7 ms there)
+                    # fp32 on every CPU: stored embeddings must not depend on which path made them
                     self.graphs = compiled.embedder_graphs(self.net, size, key, precision="fp32")
                 except Exception as exc:  # eager PyTorch keeps answering
                     log.warning("ntsnet: compiled embedder unavailable (%s); using eager PyTorch", str(exc).splitlines()[0] if str(exc) else exc)
@@ -79,7 +78,7 @@ class Embedder:
         if not arrays:
             return np.zeros((0, self.net.out_channels), np.float32)
         graphs = self.graphs
-        # one frame through the compiled graph: 15.4 -> 12.1 ms without PyTorch's thread pool (runtime.py)
+        # one frame through the compiled graph: faster without PyTorch's thread pool (runtime.py)
         with single_torch_thread() if graphs is not None and len(arrays) == 1 else contextlib.nullcontext():
             return self._embed(arrays, graphs)
 

@@ -80,7 +80,7 @@ class NTSNet(nn.Module):
         self.num_anchors = anchor_count(config.input_size)
 
     def suppression_table(self, device: torch.device):
-        """The anchors' NMS table (see anchors.suppression_table), on a CPU only; built on first use (87 ms at 448)."""
+        """The anchors' NMS table (see anchors.suppression_table), on a CPU only; built on first use."""
         if device.type != "cpu":
             return None
         key = (self.config.input_size, self.config.nms_iou)

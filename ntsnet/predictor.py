@@ -59,9 +59,8 @@ class Prediction:
 
 def cpu_supports_fast_bf16(cpuinfo: str | None = None, training: bool = False) -> bool:
     """True where bf16 runs faster than fp32 on this CPU. Inference: AVX512-BF16 or AMX (elsewhere oneDNN
-    emulates bf16 and it is slower than fp32, so a plain AVX-512 CPU must not count). Training: AMX only; on a
-    Zen 4 EPYC (AVX512-BF16, no AMX) bf16 autocast trained at 0.8x the images/s of fp32 channels_last while
-    inference ran 1.6-1.7x faster (README, "a 2-core Zen 4 EPYC")."""
+    emulates bf16 and it is slower than fp32, so a plain AVX-512 CPU must not count). Training: AMX only; without
+    AMX bf16 autocast trained slower than fp32 while inference ran faster."""
     if not isa_cap_allows_bf16(training):
         return False
     if cpuinfo is None:

@@ -2,8 +2,7 @@
 
 glibc hands every freed block over ~128 KiB back to the kernel, so each forward pass maps its activation
 buffers afresh and page-faults them in, zero-filled, one 4 KiB page at a time. PyTorch's CPU allocator
-does not cache, so on this machine that kernel work made a Lite0 NTS-Net frame take 79 ms instead of 59 ms
-(bf16; ``python benchmarks/predict_latency.py --levers``). Keeping blocks up to 32 MiB on the heap (glibc's
+does not cache, so that kernel work is paid on every frame (``benchmarks/predict_latency.py --levers``). Keeping blocks up to 32 MiB on the heap (glibc's
 maximum for this setting) and trimming only above 256 MiB costs at most that much idle memory.
 
 ``single_torch_thread`` keeps PyTorch's thread pool off the cores while a compiled graph runs one frame.
@@ -60,9 +59,7 @@ def opencv_on_one_thread() -> None:
 
     Each worker blurs photos for the store augmentation, by default with an OpenCV pool as large as the machine, so on
     2 cores two workers' pools fight the training step's threads (PyTorch already keeps its own threads to one in a
-    worker). Stage 2's loop on the grocery photos, 2 workers, fp32, an Ice Lake Xeon, alternated pairs: 22.0 against
-    21.2 and 24.3 against 21.9 images/s (set in each worker instead: 26.1 against 23.4 over 4 pairs). It is set in the
-    training process because a worker must never resize OpenCV's pool itself: the pool it inherits from a parent that
+    worker). It is set in the training process because a worker must never resize OpenCV's pool itself: the pool it inherits from a parent that
     already used it has lost its threads in the fork, and calling ``cv2.setNumThreads`` there hung a worker in the full
     test suite. With one thread OpenCV runs each call in the calling thread and a worker never touches that pool."""
     import cv2
@@ -80,8 +77,7 @@ def single_torch_thread():
     """PyTorch on one thread for the small work around a compiled graph (resize, NMS, crops, heads) of one frame.
 
     PyTorch's OpenMP threads spin for a while after each parallel op, on the cores OpenVINO's threads are about to
-    use: on a 2-core AVX2 CPU an NTS-Net frame took 83.7 ms instead of 95.3, the instant embedder 12.1 instead of
-    15.4 (6 interleaved rounds each). PyTorch keeps a thread count per thread, and a thread that starts meanwhile
+    use (benchmarks/RESULTS.md, "Inference on a CPU"). PyTorch keeps a thread count per thread, and a thread that starts meanwhile
     copies the last one set; so every scope leaves its thread at the count from before the first open scope."""
     global _glue_scopes, _glue_outside
     import torch

@@ -1,7 +1,6 @@
 """CutMix (Yun et al., 2019): each photo of a batch gets a box cut from another photo of the batch, and its
 target becomes the two products weighted by their areas. A regulariser for stage 2, whose classifier learns
-the training photos (93-96% on augmented views) far better than it recognises new ones (77-83%); stage 3 mixes
-only when asked (--ntsnet-cutmix: in two clicks no better than without, README 2026-11-29)."""
+the training photos far better than it recognises new ones; stage 3 does not mix (benchmarks/RESULTS.md)."""
 from __future__ import annotations
 
 import numpy as np

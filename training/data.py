@@ -100,9 +100,7 @@ def store_augment(im: Image.Image, rng: np.random.Generator, degrade: bool = Tru
     train, so this is training time (``python benchmarks/train_throughput.py --photos 264``).
 
     ``degrade=False``: framing, flip and light/colour only, for a head fitted on frozen features (stage 1). Those
-    features cannot learn to see through darkness, blur or a tiny image, so such views only add noise to the head:
-    on 4 small grocery catalogues (2 seeds) stage 1 recognised 137 of 194 validation photos this way against 127,
-    and 65.9% against 63.5% on the full set."""
+    features cannot learn to see through darkness, blur or a tiny image, so such views only add noise to the head."""
     from PIL import ImageEnhance
 
     w, h = im.size
@@ -168,9 +166,7 @@ BLUR_KINDS = ("gaussian", "defocus", "motion")
 def camera_blur(im: Image.Image, rng: np.random.Generator) -> Image.Image:
     """A blur as a store camera makes it: a Gaussian, a defocus disk or a motion streak (one in three each) whose
     spread is 0.3 px to 2.5% of the side, then, half of the time, the sensor noise and JPEG compression that a real
-    blurred frame carries. Trained on Gaussians alone, the model read a disk or a streak of the same spread 4 and 9
-    points worse than the Gaussian, and 2-3 more with noise and JPEG on top; with these shapes, motion-blurred photos
-    went from 65.5% to 80.1% (README, 2026-12-01 06:20 UTC)."""
+    blurred frame carries: a model trained on Gaussians alone reads the other shapes worse (``blur_curve.py --kind``)."""
     kind = BLUR_KINDS[int(rng.integers(len(BLUR_KINDS)))]
     k = blur_kernel(kind, float(rng.uniform(0.3, 0.025 * max(im.size))), float(rng.uniform(0, np.pi)))
     a = convolve(np.asarray(im), k)
