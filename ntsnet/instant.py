@@ -23,6 +23,7 @@ import torch
 
 from .backbones import create_backbone
 from .checkpoint import atomic_write
+from .device import exact_fp32, resolve_device, to_device_of
 from .images import PREPROCESSING, to_input_tensor, to_rgb_array
 from .predictor import Prediction
 from .runtime import keep_freed_memory, single_torch_thread
@@ -38,16 +39,19 @@ class Embedder:
     """Frozen pretrained backbone -> L2-normalised pooled feature. On a CPU the pooled backbone runs compiled
     (OpenVINO, built once into the user cache in a background thread; eager PyTorch answers until then)."""
 
-    def __init__(self, backbone: str = "efficientnet_lite0", size: int = 224, backend: str = "auto", background: bool = True):
+    def __init__(self, backbone: str = "efficientnet_lite0", size: int = 224, backend: str = "auto", background: bool = True,
+                 device: str = "auto"):
         from . import compiled
 
         self.name, self.size = backbone, size
+        self.device = resolve_device(device)
         keep_freed_memory()  # no numeric change, see runtime.py (not folded: stored embeddings stay comparable)
-        self.net = create_backbone(backbone, pretrained=True).eval()
-        self.net = self.net.to(memory_format=torch.channels_last)  # faster on oneDNN in fp32
+        self.net = create_backbone(backbone, pretrained=True).eval().to(self.device)
+        if self.device.type == "cpu":
+            self.net = self.net.to(memory_format=torch.channels_last)  # faster on oneDNN in fp32
         self.graphs = None
         self._thread = None
-        if compiled.resolve_backend(backend, torch.device("cpu")) == "openvino":
+        if compiled.resolve_backend(backend, self.device) == "openvino":
             key = compiled.state_key(self.net, "embedder", size)
 
             def build():
@@ -89,7 +93,8 @@ class Embedder:
             if graphs is not None:
                 f = graphs.run("pooled", x)[0]
             else:
-                f = self.net(x.contiguous(memory_format=torch.channels_last)).float().mean((2, 3))
+                with exact_fp32():  # stored embeddings must not depend on TF32 either
+                    f = self.net(to_device_of(self.net, x)).float().mean((2, 3)).cpu()
             out.append(torch.nn.functional.normalize(f, dim=1).numpy())
         return np.concatenate(out)
 
