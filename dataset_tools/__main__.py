@@ -123,6 +123,28 @@ def cmd_delete_product(cat, args):
     print(f"deleted {args.name!r} and {n} photos")
 
 
+def cmd_review(cat, args):
+    """Suspicious labels, capture sessions, duplicates and outliers; loads model code (the embeddings)."""
+    from .review_catalogue import review_catalogue
+
+    checkpoint = args.with_model
+    if checkpoint == "active":
+        from training import active
+
+        checkpoint = active.read(cat.root).get("checkpoint")
+        if not checkpoint:
+            raise CatalogueError("--with-model active: this catalogue has no active trained model")
+    report, rows, _ = review_catalogue(cat, checkpoint=checkpoint)
+    if args.json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False))
+        return
+    print(f"{len(rows)} photos reviewed: {len(report.suspects)} suspects, {len(report.sessions)} sessions, "
+          f"{len(report.duplicates)} duplicate pairs")
+    for s in report.suspects[: args.top]:
+        hint = f" -> {s['suggested']}" if s["suggested"] else ""
+        print(f"{s['score']:7.3f}  {s['kind']:<11} #{s['id']}  {s['product']}{hint}")
+
+
 def build_parser():
     ap = argparse.ArgumentParser(prog="python -m dataset_tools", description="Manage the product photo catalogue.")
     ap.add_argument("--db", type=Path, default=None, help=f"catalogue directory (default: ${ENV_VAR} or ./data)")
@@ -198,6 +220,14 @@ def build_parser():
     p.add_argument("name")
     p.add_argument("--yes", action="store_true", help="confirm without asking")
     p.set_defaults(func=cmd_delete_product)
+
+    p = sub.add_parser("review", help="photos that look mislabelled, wrong capture sessions, duplicates, outliers")
+    p.add_argument("--json", action="store_true", help="one JSON object: suspects, duplicates, sessions, confusion")
+    p.add_argument("--with-model", default=None, metavar="CKPT",
+                   help="embed with a trained checkpoint's backbone ('active': the catalogue's active model) "
+                        "instead of the instant model's")
+    p.add_argument("--top", type=int, default=30, help="suspects to print (without --json)")
+    p.set_defaults(func=cmd_review)
     return ap
 
 

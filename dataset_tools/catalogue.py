@@ -451,8 +451,11 @@ class Catalogue:
             rel = str(p.relative_to(self.root))
             if rel not in known:
                 report["orphan_files"].append(rel)
+        from .history import trash_in_use  # files an undoable delete still needs
+
+        keep = trash_in_use(self)
         tmp_files = list((self.root / "tmp").iterdir())
-        trash_files = list((self.root / "trash").iterdir())
+        trash_files = [p for p in (self.root / "trash").iterdir() if str(p.relative_to(self.root)) not in keep]
         report["temp_files"], report["trash_files"] = len(tmp_files), len(trash_files)
         if repair:
             if report["missing_files"]:

@@ -4,7 +4,8 @@ State lives on disk, not in the web server: photos in the catalogue, training in
 directories, the active model in CATALOGUE/active_model.json. Restarting the app loses nothing.
 
 Studio is the one object a screen holds; its methods come by concern from
-webapp/capture.py (catalogue and labels), webapp/training_actions.py (jobs and the active model) and
+webapp/capture.py (catalogue and capture), webapp/labelling.py (selection, bulk edits, the review queue),
+webapp/training_actions.py (jobs and the active model) and
 webapp/live.py (recognition and evaluation).
 """
 from __future__ import annotations
@@ -15,13 +16,14 @@ from pathlib import Path
 from dataset_tools import Catalogue
 
 from .capture import CatalogueActions
+from .labelling import LabellingActions
 from .common import (CONDITION_TAGS, MAX_BURST_SECONDS, MAX_UPLOAD_FILES, MAX_UPLOAD_MB, MIN_PHOTOS_PER_PRODUCT,  # noqa: F401
                      THUMBNAIL_PX, StudioError)
 from .live import LiveAnswers, LiveWorker, Recognition, RecognitionActions, SessionMemory  # noqa: F401
 from .training_actions import TrainingActions
 
 
-class Studio(CatalogueActions, TrainingActions, RecognitionActions):
+class Studio(CatalogueActions, LabellingActions, TrainingActions, RecognitionActions):
     def __init__(self, db, checkpoint: str | None = None, backend: str = "auto", allow_capture: bool = True,
                  allow_training: bool = True, live_threads: int | None = None, precision: str = "auto"):
         """``allow_capture`` / ``allow_training`` False: every action that writes the catalogue, reads its photos,
@@ -40,6 +42,7 @@ class Studio(CatalogueActions, TrainingActions, RecognitionActions):
         self._instant = None
         self._live = LiveAnswers()
         self._live_worker = None
+        self._review_cache, self._review_lock = None, threading.Lock()
         if checkpoint:
             self._activate(checkpoint, pin=False)
 

@@ -132,46 +132,29 @@ class CatalogueActions:
 
     # ------------------------------------------------------------------------------------ label
     def move_photos(self, image_ids, product: str) -> str:
+        """Label photos an existing product (Undo can reverse it); see LabellingActions.move_selected for new ones."""
         self._require("capture")
-        ids = [int(i) for i in image_ids]
-        if not ids:
+        if not list(image_ids):
             raise StudioError("Select photos first.")
-        try:
-            n = self.catalogue.move_images(ids, product)
-        except CatalogueError as exc:
-            raise StudioError(str(exc)) from None
-        self._instant_sync()
-        return f"Moved {n} photo(s) to “{product}”."
+        if product not in self.product_names():
+            raise StudioError(f"no product named {product!r}")
+        return self.move_selected(image_ids, product)
 
     def delete_photos(self, image_ids) -> str:
+        """Photos to the catalogue's trash (Undo brings them back)."""
         self._require("capture")
-        ids = [int(i) for i in image_ids]
-        if not ids:
+        if not list(image_ids):
             raise StudioError("Select photos first.")
-        try:
-            n = self.catalogue.delete_images(ids)
-        except CatalogueError as exc:
-            raise StudioError(str(exc)) from None
-        self._instant_sync()
-        return f"Deleted {n} photo(s)."
+        return self.delete_selected(image_ids)
 
     def possible_mislabels(self, limit: int = 500) -> list[dict]:
-        """Photos whose predicted product differs from their label, most confident disagreement first."""
+        """Photos that look more like another product than their own, judged out of sample (dataset_tools/review.py:
+        neither a photo's label nor its capture session vouches for it), most suspicious first."""
         self._require("capture")
-        predictor = self.predictor()
-        if predictor is None:
-            return []
-        known = set(predictor.class_names)
-        imgs = [i for i in self.catalogue.images() if i["product"] in known][-limit:]
-        out = []
-        for start in range(0, len(imgs), 16):
-            batch = imgs[start:start + 16]
-            for img, pred in zip(batch, predictor.predict_batch([self.catalogue.image_path(i) for i in batch])):
-                guess = pred.best_guess or pred.label  # an "unknown" answer still has a best guess to compare
-                if guess != img["product"]:
-                    out.append({"id": img["id"], "path": str(self.catalogue.image_path(img)), "label": img["product"],
-                                "predicted": guess, "confidence": pred.confidence})
-        return sorted(out, key=lambda r: -r["confidence"])
+        paths = {r["id"]: r["path"] for r in self.catalogue.images()}
+        return [{"id": s["id"], "path": str(self.catalogue.root / paths[s["id"]]), "label": s["product"], "predicted": s["suggested"],
+                 "confidence": s["score"], "kind": s["kind"]}
+                for s in self.review_queue(refresh=True) if s["kind"] in ("wrong-label", "session", "duplicate")][:limit]
 
     def suggestions(self, limit: int = 100) -> list[dict]:
         """A suggested product for each unlabelled photo (needs a model)."""
@@ -192,7 +175,6 @@ class CatalogueActions:
         self._after_capture(product)
         self._instant_sync()
         return f"Photo {image_id} labelled “{product}”."
-
 
     # ------------------------------------------------------------------------------------ burst
     def burst(self, latest_frame, product: str | None, tags=(), every_ms: float = 500, seconds: float = 5, sleep=time.sleep):
