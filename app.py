@@ -11,7 +11,7 @@ import os
 import gradio as gr
 
 from webapp.actions import MAX_UPLOAD_MB, Studio
-from webapp.tabs import collect, evaluate, label, recognise, train
+from webapp.tabs import collect, evaluate, label, recognise, review, train
 from webapp.tabs.common import Screen
 
 TITLE = "Product recogniser (NTS-Net)"
@@ -28,12 +28,14 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
         product = collect.build(studio, screen) if allow_capture else None
         if allow_capture:
             label.build(studio, screen)
+            review.build(studio, screen)
         if allow_training:
             train.build(studio, screen)
         recognise.build(studio, live_fps)
         if allow_capture:
             evaluate.build(studio)
             demo.load(lambda: (screen.status_line(), screen.product_choices()), None, [screen.header, product])
+            demo.load(None, None, None, js=review.SHORTCUTS)  # keyboard shortcuts of the Label and Review tabs
         else:
             demo.load(screen.status_line, None, [screen.header])
     return demo

@@ -1,6 +1,7 @@
 """How well the label review finds planted mistakes, and how long it takes.
 
     python benchmarks/label_review.py [--seed 0] [--with-model CKPT]       # the grocery photos, planted mistakes
+    python benchmarks/label_review.py --train-minutes 20                    # the same after a Train click on those labels
     python benchmarks/label_review.py --synthetic 100000 --products 1000    # time and memory of a large catalogue
 
 Grocery: the train+val photos (2936, 81 products) imported into a fresh catalogue; 5% of them relabelled at random to
@@ -45,7 +46,8 @@ def build(db: Path, seed: int):
     for name, coarse in classes.values():
         by_coarse.setdefault(coarse, []).append(name)
     truth, sessions = {}, []
-    for start in rng.choice(len(rows) - 12, 2, replace=False):  # two bursts captured with the wrong product chosen
+    while len(sessions) < 2:  # two bursts captured with the wrong product chosen
+        start = int(rng.integers(len(rows) - 12))
         burst = rows[start:start + 12]
         if len({r["product"] for r in burst}) > 1 or any(r["id"] in truth for r in burst):
             continue
@@ -71,8 +73,9 @@ def grocery(args) -> dict:
 
     cat, truth, planted_sessions = build(Path(tempfile.mkdtemp()) / "cat", args.seed)
     rows = photo_rows(cat)
+    checkpoint = args.with_model or (click(cat, args.train_minutes) if args.train_minutes else None)
     t0 = time.perf_counter()
-    emb = catalogue_embeddings(cat, rows, checkpoint=args.with_model)
+    emb = catalogue_embeddings(cat, rows, checkpoint=checkpoint)
     embed_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     report, _, _ = review_catalogue(cat, embeddings=emb, rows=rows)
@@ -89,7 +92,20 @@ def grocery(args) -> dict:
             "top_2n": len(found) / n, "right_suggestions": float(np.mean([suggested[i] == truth[i] for i in found])) if found else None,
             "sessions_reported": f"{sum(reported)} of {len(planted_sessions)}", "embedding_seconds": round(embed_s, 1),
             "review_seconds": round(review_s, 1), "duplicates": len(report.duplicates),
-            "outliers": sum(s["kind"] == "outlier" for s in report.suspects), "embeddings": args.with_model or "instant model"}
+            "outliers": sum(s["kind"] == "outlier" for s in report.suspects), "embeddings": checkpoint or "instant model"}
+
+
+def click(cat, minutes: float) -> str:
+    """A default Train click on the catalogue with its planted mistakes; returns the model that became active."""
+    from dataset_tools import assign_splits
+    from training import active
+    from training.progressive import ProgressiveConfig, train_progressive
+
+    assign_splits(cat)
+    run = Path(tempfile.mkdtemp()) / "run"
+    summary = train_progressive(ProgressiveConfig(db=str(cat.root), out=str(run), max_minutes=minutes), log=lambda *a: None)
+    print(json.dumps({"click": [(r["stage"], r["val_acc"], r["active"]) for r in summary["results"]]}), flush=True)
+    return active.read(cat.root)["checkpoint"]
 
 
 def synthetic(args) -> dict:
@@ -117,6 +133,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--with-model", default=None, help="embed with this trained checkpoint instead of the instant model")
+    ap.add_argument("--train-minutes", type=float, default=0, help="first a Train click of this many minutes on the catalogue "
+                    "with its mistakes, then embed with the model it made active")
     ap.add_argument("--synthetic", type=int, default=0, help="photos of synthetic embeddings (time and memory only)")
     ap.add_argument("--products", type=int, default=1000)
     args = ap.parse_args()

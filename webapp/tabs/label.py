@@ -1,70 +1,99 @@
-"""Label: browse a product's photos (or the unlabelled uploads), move or delete them, review with the active model."""
+"""Label: the gallery is the selection. Filter the photos, click pictures to select them (Shift or the Range box
+for a range), then move, delete, set the split or tag them all at once; Undo reverses the last edit."""
 from __future__ import annotations
 
 import gradio as gr
 
-from .common import Screen, act, fail
+from ..common import CONDITION_TAGS
+from ..labelling import Selection
+from .common import Screen, act
+
+ALL = "(all)"
+SPLITS = [ALL, "train", "val", "test"]
+SOURCES = [ALL, "webcam", "upload", "import"]
+WARNINGS = [ALL, "blurry", "too dark", "too bright", "too small"]
+
+
+def _value(choice):
+    return None if choice in (None, "", ALL) else choice
 
 
 def build(studio, screen: Screen):
+    selection = gr.State(Selection())
     with gr.Tab("Label") as tab:
         with gr.Row():
-            browse = gr.Dropdown(label="Browse product", choices=studio.product_names(), interactive=True)
-            show_unlabelled = gr.Checkbox(label="Show unlabelled uploads instead")
-            refresh = gr.Button("Refresh")
-        gallery = gr.Gallery(label="Photos (caption: #id · split · warnings · tags)", columns=8, height=320)
+            product = gr.Dropdown([ALL, *studio.product_names()], value=ALL, label="Show product", interactive=True)
+            split = gr.Dropdown(SPLITS, value=ALL, label="Split")
+            tag = gr.Dropdown([ALL, *CONDITION_TAGS], value=ALL, label="Tag")
+            source = gr.Dropdown(SOURCES, value=ALL, label="Source")
+            warning = gr.Dropdown(WARNINGS, value=ALL, label="Quality warning")
+            unlabelled = gr.Checkbox(label="Unlabelled uploads only")
+            suspects = gr.Checkbox(label="Suspects only")
+        gallery = gr.Gallery(label="Click pictures to select them (caption: #id · split · warnings · tags)", columns=8, height="auto",
+                             allow_preview=False, elem_id="label-gallery")
         with gr.Row():
-            selected = gr.CheckboxGroup(label="Select photos by id", choices=[])
-            move_to = gr.Dropdown(label="Move selected to", choices=studio.product_names(), interactive=True)
-            move_btn = gr.Button("Move")
-            confirm_delete = gr.Checkbox(label="Yes, delete permanently")
-            delete_btn = gr.Button("Delete selected", variant="stop")
+            count = gr.Markdown("No photo selected.", elem_id="selection-count")
+            shift = gr.Checkbox(label="Range (hold Shift)", elem_id="range-select", scale=0)
+            all_btn = gr.Button("Select all shown", size="sm")
+            clear_btn = gr.Button("Clear selection", size="sm")
+        with gr.Row():
+            move_to = gr.Dropdown(studio.product_names(), value=None, label="Move selected to (or type a new product)",
+                                  allow_custom_value=True)
+            move_btn = gr.Button("Move", variant="primary")
+            delete_btn = gr.Button("Delete (to trash)", variant="stop")
+            undo_btn = gr.Button("Undo last edit (U)", elem_id="undo")
+        with gr.Row():
+            new_split = gr.Dropdown(["train", "val", "test"], value=None, label="Set split")
+            split_btn = gr.Button("Set split")
+            tag_name = gr.Dropdown(CONDITION_TAGS, value=None, label="Tag", allow_custom_value=True)
+            tag_add = gr.Button("Add tag")
+            tag_remove = gr.Button("Remove tag")
         message = gr.Markdown("")
         counts = gr.Dataframe(headers=["product", "SKU", "photos", "train", "val", "test"], value=studio.product_table(),
                               label="Photos per product and split", interactive=False)
-        with gr.Accordion("Review with the active model", open=False):
-            scan_btn = gr.Button("List possible mislabels")
-            mislabels = gr.Dataframe(headers=["id", "label", "predicted", "confidence"], interactive=False)
-            suggest_btn = gr.Button("Suggest products for unlabelled uploads")
-            suggestions = gr.Dataframe(headers=["id", "suggested", "confidence"], interactive=False)
-            with gr.Row():
-                confirm_id = gr.Number(label="Photo id", precision=0)
-                confirm_product = gr.Dropdown(label="Product", choices=studio.product_names(), allow_custom_value=True)
-                confirm_btn = gr.Button("Confirm label")
 
-    def label_view(name, unlabelled):
-        ids = [str(i["id"]) for i in studio.label_view(name, bool(unlabelled))]
+    filters = [product, split, tag, source, warning, unlabelled, suspects]
+
+    def render(sel: Selection, *chosen):
+        """The filtered photos, the selection kept for those still shown, and the count."""
+        p, sp, tg, src, warn, unl, sus = chosen
+        photos = act(studio.photos, _value(p), _value(sp), _value(tg), _value(src), _value(warn), bool(unl), bool(sus))
+        sel.show([ph["id"] for ph in photos])
+        return sel, studio.gallery_items(photos, sel), _count(sel)
+
+    def _count(sel: Selection) -> str:
+        n = len(sel.selected)
+        return f"**{n}** of {len(sel.shown)} shown selected." if n else f"No photo selected ({len(sel.shown)} shown)."
+
+    def refresh(sel, *chosen):
         names = studio.product_names()
-        return (studio.gallery(name, unlabelled=bool(unlabelled)), gr.update(choices=ids, value=[]), studio.product_table(),
-                gr.update(choices=names), gr.update(choices=names), gr.update(choices=names))
+        return (*render(sel, *chosen), studio.product_table(), gr.update(choices=[ALL, *names]), gr.update(choices=names))
 
-    outputs = [gallery, selected, counts, browse, move_to, confirm_product]
+    outputs = [selection, gallery, count, counts, product, move_to]
 
-    def on_move(ids, target, name, unlabelled):
-        return (act(studio.move_photos, ids, target), *label_view(name, unlabelled))
+    def on_click(sel: Selection, range_held: bool, p, sp, tg, src, warn, unl, sus, evt: gr.SelectData):
+        sel.click(evt.index if isinstance(evt.index, int) else evt.index[0], shift=bool(range_held))
+        return render(sel, p, sp, tg, src, warn, unl, sus)
 
-    def on_delete(ids, confirmed, name, unlabelled):
-        if not confirmed:
-            fail("Tick “Yes, delete permanently” first.")
-        return (act(studio.delete_photos, ids), *label_view(name, unlabelled))
+    def bulk(action):
+        def run(sel: Selection, value, *chosen):
+            msg = act(action, sel.ids(), value)
+            sel.clear()
+            return (msg, *refresh(sel, *chosen))
+        return run
 
-    def on_scan():
-        if studio.predictor() is None:
-            gr.Info("No active model yet: train one first.")
-        return [[r["id"], r["label"], r["predicted"], round(r["confidence"], 3)] for r in act(studio.possible_mislabels)]
+    def on_undo(sel: Selection, *chosen):
+        return (act(studio.undo), *refresh(sel, *chosen))
 
-    def on_suggest():
-        return [[r["id"], r["suggested"] or "(no model)", round(r["confidence"], 3)] for r in act(studio.suggestions)]
-
-    def on_confirm(image_id, product, name, unlabelled):
-        if not image_id or not product:
-            fail("Give a photo id and a product.")
-        return (act(studio.confirm_suggestion, int(image_id), product), *label_view(name, unlabelled))
-
-    for trigger in (browse.change, show_unlabelled.change, refresh.click, tab.select):
-        trigger(label_view, [browse, show_unlabelled], outputs)
-    move_btn.click(on_move, [selected, move_to, browse, show_unlabelled], [message, *outputs])
-    delete_btn.click(on_delete, [selected, confirm_delete, browse, show_unlabelled], [message, *outputs])
-    scan_btn.click(on_scan, None, mislabels)
-    suggest_btn.click(on_suggest, None, suggestions)
-    confirm_btn.click(on_confirm, [confirm_id, confirm_product, browse, show_unlabelled], [message, *outputs])
+    for trigger in (*(f.change for f in filters), tab.select):
+        trigger(refresh, [selection, *filters], outputs)
+    gallery.select(on_click, [selection, shift, *filters], [selection, gallery, count], show_progress="hidden")
+    all_btn.click(lambda sel, *c: render(sel.all(), *c), [selection, *filters], [selection, gallery, count])
+    clear_btn.click(lambda sel, *c: render(sel.clear(), *c), [selection, *filters], [selection, gallery, count])
+    move_btn.click(bulk(studio.move_selected), [selection, move_to, *filters], [message, *outputs])
+    delete_btn.click(bulk(lambda ids, _: studio.delete_selected(ids)), [selection, gr.State(""), *filters], [message, *outputs])
+    split_btn.click(bulk(studio.set_split), [selection, new_split, *filters], [message, *outputs])
+    tag_add.click(bulk(lambda ids, t: studio.tag_selected(ids, add=[t] if t else [])), [selection, tag_name, *filters], [message, *outputs])
+    tag_remove.click(bulk(lambda ids, t: studio.tag_selected(ids, remove=[t] if t else [])), [selection, tag_name, *filters],
+                     [message, *outputs])
+    undo_btn.click(on_undo, [selection, *filters], [message, *outputs])
