@@ -50,30 +50,28 @@ def _record(db, kind: str, summary: str, payload) -> None:
     db.execute("DELETE FROM edits WHERE id NOT IN (SELECT id FROM edits ORDER BY id DESC LIMIT ?)", [KEEP_EDITS])
 
 
+def _set_column(cat: Catalogue, ids, column: str, value, kind: str, summary: str) -> str:
+    """One column of the photos set to ``value`` in one transaction, its previous values recorded for undo."""
+    with cat.transaction() as db:
+        before = {r["id"]: r[column] for r in _rows(db, ids)}
+        db.execute(f"UPDATE images SET {column} = ? WHERE id IN ({','.join('?' * len(ids))})", [value, *ids])
+        _record(db, kind, summary, {"before": before})
+    return summary
+
+
 def move(cat: Catalogue, image_ids, product: str, create: bool = False) -> str:
     """Label the photos ``product`` (created first when ``create``); returns what was done."""
     ids = _ids(image_ids)
     if create:
         cat.add_product(product, exist_ok=True)
-    pid = cat.product_id(product)
-    with cat.transaction() as db:
-        before = {r["id"]: r["product_id"] for r in _rows(db, ids)}
-        db.execute(f"UPDATE images SET product_id = ? WHERE id IN ({','.join('?' * len(ids))})", [pid, *ids])
-        summary = f"moved {len(ids)} photo(s) to “{product}”"
-        _record(db, "move", summary, {"before": before})
-    return summary
+    return _set_column(cat, ids, "product_id", cat.product_id(product), "move", f"moved {len(ids)} photo(s) to “{product}”")
 
 
 def set_split(cat: Catalogue, image_ids, split: str | None) -> str:
     if split is not None and split not in SPLITS:
         raise CatalogueError(f"split must be one of {', '.join(SPLITS)}")
     ids = _ids(image_ids)
-    with cat.transaction() as db:
-        before = {r["id"]: r["split"] for r in _rows(db, ids)}
-        db.execute(f"UPDATE images SET split = ? WHERE id IN ({','.join('?' * len(ids))})", [split, *ids])
-        summary = f"set {len(ids)} photo(s) to {split or 'no split'}"
-        _record(db, "split", summary, {"before": before})
-    return summary
+    return _set_column(cat, ids, "split", split, "split", f"set {len(ids)} photo(s) to {split or 'no split'}")
 
 
 def tag(cat: Catalogue, image_ids, add=(), remove=()) -> str:

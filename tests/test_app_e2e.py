@@ -136,6 +136,10 @@ def label_three_photos_then_undo(page, server):
     page.keyboard.press("u")  # the Undo shortcut
     page.get_by_text("Undone: moved 3").wait_for(timeout=10_000)
     assert {p["name"]: p["images"] for p in Catalogue(server["db"]).products()} == before
+    open_tab(page, "Review")
+    page.get_by_text(re.compile(r"\d+ suspects")).wait_for(timeout=60_000)
+    page.wait_for_timeout(1000)
+    shot(page, "review")
 
 
 def test_capture_train_and_recognise_live(server, tmp_path):
