@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from synthetic import draw_product, stable_seed
 
-from dataset_tools import Catalogue, history
+from dataset_tools import Catalogue, assign_splits, history
 from dataset_tools.review import find_sessions, review
 from dataset_tools.review_catalogue import review_catalogue
 from webapp import Studio, StudioError
@@ -153,6 +154,24 @@ def test_studio_actions_keep_the_instant_index_in_step_and_answers_are_remembere
     assert {row[0] for row in table} >= {"red-box", "blue-can", "green-pack"}
     points = studio.embedding_map()
     assert len(points) == len(cat.images()) and any(p["suspect"] for p in points)
+    xs = sorted(p["x"] for p in points)
+    region = studio.map_region([xs[0], xs[len(xs) // 2]])
+    assert {r["id"] for r in region} == {p["id"] for p in points if p["x"] <= xs[len(xs) // 2]}
+
+
+def test_near_duplicates_of_one_product_are_kept_out_of_the_evaluation_photos(planted):
+    cat, _ = planted
+    original = cat.images(product="red-box")[0]
+    twin = np.asarray(Image.open(cat.image_path(original)).convert("RGB")).copy()
+    twin[0, 0] = 255 - twin[0, 0]
+    copy = cat.add_image(twin, product="red-box", source_kind="import").image_id
+    assign_splits(cat)
+    cat.set_splits({original["id"]: "train", copy: "test"})
+    studio = Studio(cat.root)
+    assert [original["id"], copy, pytest.approx(1.0, abs=0.03)] in [list(d) for d in studio.review(refresh=True)[0].duplicates]
+    assert "photo(s) to train" in studio.join_duplicate_splits()
+    assert {r["id"]: r["split"] for r in cat.images()}[copy] == "train"
+    assert "No near-duplicates" in studio.join_duplicate_splits()
 
 
 def test_unlabelled_uploads_are_grouped_by_the_product_they_look_like(planted):

@@ -243,11 +243,14 @@ def end_epoch(run: PaperRun, epoch: int, tally: dict, stop: dict):
     state.eval_seconds = time.perf_counter() - t_eval
     epoch_seconds = time.perf_counter() - tally["t_epoch"]
     state.wall_seconds += epoch_seconds
+    partial = bool(stop["reason"])
+    if not stop["reason"] and state.wall_seconds + state.eval_seconds >= run.budget:
+        stop["reason"] = "time budget"  # no room for another epoch's evaluation: end here, not one evaluation late
     row = {"epoch": epoch, **{k: round(v / seen, 5) for k, v in sums.items()}, "train_acc": round(tally["correct"] / seen, 5),
            "val_acc": None if math.isnan(val_acc) else round(val_acc, 5), "val_n": n_val,
            "images_per_s": round(seen * run.world / epoch_seconds, 2), "lr": run.optimizer.param_groups[0]["lr"],
            "train_minutes": round(state.train_seconds / 60, 3), "wall_minutes": round(state.wall_seconds / 60, 3),
-           "skipped_images": tally["skipped"], "partial_epoch": bool(stop["reason"])}
+           "skipped_images": tally["skipped"], "partial_epoch": partial}
     state.epoch = epoch
     state.history.append(row)
     score = row["val_acc"] if row["val_acc"] is not None else row["train_acc"]
@@ -295,7 +298,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
             end_epoch(run, epoch, tally, stop)
         else:
             state.epoch = epoch
-        distributed.barrier()
+        if distributed.any_process(bool(stop["reason"]), run.device) and not stop["reason"]:
+            stop["reason"] = "time budget"  # process 0's clock ended the run
         if stop["reason"]:
             run.log(f"stopped: {stop['reason']} after {state.wall_seconds / 60:.1f} min")
             break

@@ -195,6 +195,18 @@ class LabellingActions:
                 groups.setdefault(products[int(np.argmax(p))], []).append(r["id"])
         return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
 
+    def join_duplicate_splits(self) -> str:
+        """Near-duplicates of one product split between training and evaluation photos: the evaluation ones join
+        training (an evaluation must not see a copy of a training photo). Undo reverses it."""
+        report, rows, _ = self.review()
+        by_id = {r["id"]: r for r in rows}
+        move = sorted({b if by_id[a]["split"] == "train" else a for a, b, _ in report.duplicates
+                       if by_id[a]["product"] and by_id[a]["product"] == by_id[b]["product"]
+                       and "train" in (by_id[a]["split"], by_id[b]["split"])})
+        if not move:
+            return "No near-duplicates are split between training and evaluation photos."
+        return self._edit(history.set_split, move, "train")
+
     def confirm_group(self, ids, product: str) -> str:
         return self.move_selected(ids, product)
 
@@ -237,5 +249,13 @@ class LabellingActions:
         xy = centred @ vt[:2].T
         flagged = {s["id"] for s in report.suspects}
         return [{"id": r["id"], "x": round(float(a), 4), "y": round(float(b), 4), "product": r["product"] or "(unlabelled)",
-                 "suspect": r["id"] in flagged} for r, (a, b) in zip(rows, xy)]
+                 "suspect": r["id"] in flagged, "colour": "⚠ suspect" if r["id"] in flagged else (r["product"] or "(unlabelled)")}
+                for r, (a, b) in zip(rows, xy)]
+
+    def map_region(self, x_range, y_range=None, limit: int = 48) -> list[dict]:
+        """The photos inside a region of the map (what a person selected on it), suspects first."""
+        points = self.embedding_map()
+        inside = [p for p in points if x_range[0] <= p["x"] <= x_range[1] and (y_range is None or y_range[0] <= p["y"] <= y_range[1])]
+        ids = {p["id"] for p in sorted(inside, key=lambda p: not p["suspect"])[:limit]}
+        return [r for r in self.photos(limit=10 ** 9) if r["id"] in ids]
 

@@ -61,8 +61,12 @@ def build(studio, screen: Screen):
         with gr.Accordion("Coverage and what to capture next", open=False):
             hints = gr.Markdown("")
             coverage = gr.Dataframe(headers=["product", "photos", "train", "val", "test", "tags", "looks like"], interactive=False)
-        with gr.Accordion("Map of the catalogue (suspects marked)", open=False):
-            plot = gr.ScatterPlot(x="x", y="y", color="product", tooltip=["id", "product", "suspect"], height=420)
+        with gr.Accordion("Map of the catalogue (suspects marked; select a region to see its photos)", open=False):
+            plot = gr.ScatterPlot(x="x", y="y", color="colour", tooltip=["id", "product", "suspect"], height=420)
+            region = gr.Gallery(label="Photos in the selected region", columns=8, height=200, allow_preview=False)
+        with gr.Row():
+            splits_btn = gr.Button("Keep near-duplicates of a product in the training photos")
+            splits_msg = gr.Markdown("")
 
     def show(items, pos):
         if not items:
@@ -120,7 +124,12 @@ def build(studio, screen: Screen):
 
         return pd.DataFrame(act(studio.embedding_map))
 
+    def on_region(evt: gr.SelectData):
+        return [(studio.thumbnail_file(p), f"#{p['id']} · {p['product'] or '-'}") for p in act(studio.map_region, evt.index)]
+
     refresh_btn.click(lambda: load(True), None, outputs)
+    plot.select(on_region, None, region)
+    splits_btn.click(lambda: act(studio.join_duplicate_splits), None, splits_msg)
     tab.select(lambda: load(False), None, outputs).then(on_groups, None, [groups_table, group_pick]).then(
         on_coverage, None, [hints, coverage]).then(on_map, None, plot)
     prev_btn.click(step(-1), [queue, position], outputs)
