@@ -196,6 +196,8 @@ def test_gallery_thumbnails_are_files_written_once_and_marked_when_selected(plan
     assert cat.root not in plain.parents  # the catalogue folder is never served
     items = studio.gallery_items([photo], Selection().show([photo["id"]]).all())
     assert items[0][0] == str(marked)
+    pixels = studio.photo_pixels(photo["id"])
+    assert pixels.shape == (photo["height"], photo["width"], 3) and studio.photo_pixels(10 ** 6) is None
 
 
 def test_the_review_command_prints_one_json_object_and_the_catalogue_api_needs_no_torch(planted):

@@ -100,6 +100,17 @@ class LabellingActions:
             tmp.replace(path)
         return str(path)
 
+    def photo_pixels(self, image_id: int) -> np.ndarray | None:
+        """One photo's RGB pixels (None if it is gone): what a screen shows large, never the file itself."""
+        from PIL import Image
+
+        self._require("capture")
+        row = self.catalogue.db.execute("SELECT path FROM images WHERE id = ?", [int(image_id)]).fetchone()
+        if row is None:
+            return None
+        with Image.open(self.catalogue.root / row[0]) as im:
+            return np.asarray(im.convert("RGB"))
+
     def gallery_items(self, photos: list[dict], selection: Selection) -> list[tuple[str, str]]:
         return [(self.thumbnail_file(p, p["id"] in selection.selected), self._caption(p)) for p in photos]
 

@@ -36,6 +36,7 @@ def build(studio, screen: Screen):
             shift = gr.Checkbox(label="Range (hold Shift)", elem_id="range-select", scale=0)
             all_btn = gr.Button("Select all shown", size="sm")
             clear_btn = gr.Button("Clear selection", size="sm")
+            like_btn = gr.Button("Show photos like the first selected", size="sm")
         with gr.Row():
             move_to = gr.Dropdown(studio.product_names(), value=None, label="Move selected to (or type a new product)",
                                   allow_custom_value=True)
@@ -90,6 +91,15 @@ def build(studio, screen: Screen):
     gallery.select(on_click, [selection, shift, *filters], [selection, gallery, count], show_progress="hidden")
     all_btn.click(lambda sel, *c: render(sel.all(), *c), [selection, *filters], [selection, gallery, count])
     clear_btn.click(lambda sel, *c: render(sel.clear(), *c), [selection, *filters], [selection, gallery, count])
+    def on_like(sel: Selection):
+        if not sel.ids():
+            return sel, gr.skip(), "Select a photo first."
+        source = sel.ids()[0]
+        photos = act(studio.more_like_this, source, k=32)
+        sel.show([p["id"] for p in photos]).clear()
+        return sel, studio.gallery_items(photos, sel), f"The {len(photos)} photos most like #{source}, most alike first."
+
+    like_btn.click(on_like, selection, [selection, gallery, count])
     move_btn.click(bulk(studio.move_selected), [selection, move_to, *filters], [message, *outputs])
     delete_btn.click(bulk(lambda ids, _: studio.delete_selected(ids)), [selection, gr.State(""), *filters], [message, *outputs])
     split_btn.click(bulk(studio.set_split), [selection, new_split, *filters], [message, *outputs])

@@ -4,8 +4,6 @@ by suggested product; "more like this"; coverage with "capture next" hints; and 
 from __future__ import annotations
 
 import gradio as gr
-import numpy as np
-from PIL import Image
 
 from .common import Screen, act
 
@@ -73,9 +71,7 @@ def build(studio, screen: Screen):
             return None, "Nothing to review: no photo looks mislabelled.", [], [], f"{len(items)} suspects"
         pos = max(0, min(pos, len(items) - 1))
         s = items[pos]
-        rows = {r["id"]: r for r in studio.photos(limit=100000)}
-        row = rows.get(s["id"])
-        image = np.asarray(Image.open(studio.catalogue.image_path(row)).convert("RGB")) if row else None
+        image = studio.photo_pixels(s["id"])
         text = (f"**{pos + 1} / {len(items)}** · photo #{s['id']} · **{s['product'] or 'unlabelled'}** — {KIND_TEXT[s['kind']]}"
                 + (f"; suggested **{s['suggested']}**" if s.get("suggested") else "") + f" (score {s['score']:.2f})")
         strip = lambda name: [(studio.thumbnail_file(r), f"#{r['id']}") for r in studio.photos(product=name, limit=6)] if name else []  # noqa: E731
