@@ -26,6 +26,8 @@ KNN_SHARE = 0.7              # of the averaged probabilities; the ridge classifi
 DUPLICATE_SIMILARITY = 0.97  # cosine similarity of two embeddings above which two photos show the same picture
 OUTLIER_MADS = 8.0           # a photo this many median deviations less similar to its nearest photo than usual
 MIN_MAD = 0.02               # a floor for that deviation: a catalogue of look-alike photos is not all outliers
+MIN_EVIDENCE = 3             # photos of a product outside a photo's session needed to judge that photo
+MIN_THRESHOLD = 0.05         # a floor for the per-product thresholds
 MIN_SESSION = 3              # sessions smaller than this are judged photo by photo
 SEARCH_DIMS = 256            # large catalogues search neighbours in this many directions (exact search)
 PROJECT_ABOVE = 20000        # photos; below this the full embeddings are searched
@@ -137,11 +139,26 @@ def ridge_out_of_fold(x: np.ndarray, labels: np.ndarray, sessions: np.ndarray, n
     return out
 
 
-def normalised(p: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Every product's probability divided by its threshold, the mean probability its own photos get (confident
-    learning's per-class thresholds): a product the models find hard is not flagged wholesale."""
-    thresholds = np.array([p[labels == c, c].mean() if (labels == c).any() else 1.0 for c in range(p.shape[1])])
-    return (p / np.maximum(thresholds, 1e-6)).astype(np.float32)
+def judgeable(labels: np.ndarray, sessions: np.ndarray) -> np.ndarray:
+    """Rows whose product has at least MIN_EVIDENCE photos in other capture sessions: only those can be judged out
+    of sample (a product captured in one burst has nothing outside the burst to vouch for it, or against it)."""
+    total: dict = {}
+    per_session: dict = {}
+    for lab, ses in zip(labels.tolist(), sessions.tolist()):
+        if lab >= 0:
+            total[lab] = total.get(lab, 0) + 1
+            per_session[(ses, lab)] = per_session.get((ses, lab), 0) + 1
+    return np.array([lab >= 0 and total[lab] - per_session[(ses, lab)] >= MIN_EVIDENCE
+                     for lab, ses in zip(labels.tolist(), sessions.tolist())], bool)
+
+
+def normalised(p: np.ndarray, labels: np.ndarray, judged: np.ndarray | None = None) -> np.ndarray:
+    """Every product's probability divided by its threshold, the mean probability its own (judgeable) photos get
+    (confident learning's per-class thresholds): a product the models find hard is not flagged wholesale."""
+    judged = labels >= 0 if judged is None else judged
+    thresholds = np.array([p[(labels == c) & judged, c].mean() if ((labels == c) & judged).any() else 1.0
+                           for c in range(p.shape[1])])
+    return (p / np.maximum(thresholds, MIN_THRESHOLD)).astype(np.float32)
 
 
 def margins(q: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -167,9 +184,11 @@ def review(embeddings: np.ndarray, labels: list, ids: list, products: list[str],
     x = search_space(embeddings, dims)
     idx, sim, near, near_sim = neighbours(x, sessions)
     p = KNN_SHARE * knn_votes(idx, sim, labels, len(products)) + (1 - KNN_SHARE) * ridge_out_of_fold(x, labels, sessions, len(products))
-    report.probabilities = q = normalised(p, labels)
+    judged = judgeable(labels, sessions)
+    report.probabilities = q = normalised(p, labels, judged)
     suggested, margin = margins(q, labels)
-    taken = _session_suspects(report, ids, labels, products, sessions, q, skip)
+    margin[~judged] = -np.inf
+    taken = _session_suspects(report, ids, labels, products, sessions, q, skip, judged)
     for i in np.flatnonzero(margin > 0):
         if i not in taken and (ids[i], "wrong-label") not in skip:
             report.suspects.append({"id": ids[i], "product": products[labels[i]], "suggested": products[suggested[i]],
@@ -182,7 +201,7 @@ def review(embeddings: np.ndarray, labels: list, ids: list, products: list[str],
     return report
 
 
-def _session_suspects(report, ids, labels, products, sessions, q, skip) -> set:
+def _session_suspects(report, ids, labels, products, sessions, q, skip, judged) -> set:
     """Sessions whose photos, averaged, look more like another product than their own; returns their rows."""
     rows_of: dict[int, list[int]] = {}
     for i, s in enumerate(sessions):
@@ -190,7 +209,7 @@ def _session_suspects(report, ids, labels, products, sessions, q, skip) -> set:
             rows_of.setdefault(int(s), []).append(i)
     taken = set()
     for rows in rows_of.values():
-        if len(rows) < MIN_SESSION or all((ids[i], "session") in skip for i in rows):
+        if len(rows) < MIN_SESSION or not judged[rows[0]] or all((ids[i], "session") in skip for i in rows):
             continue
         rival, score = margins(q[rows].mean(0, keepdims=True), labels[rows[:1]])
         if score[0] <= 0:

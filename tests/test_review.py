@@ -82,6 +82,17 @@ def test_a_photo_is_judged_out_of_sample_so_its_own_label_cannot_vouch_for_it():
     assert report.sessions and report.sessions[0]["ids"] == [0, 1, 2, 3, 4] and report.sessions[0]["suggested"] == "A"
 
 
+def test_a_product_captured_in_one_burst_is_not_judged_against_the_others(tmp_path):
+    """Each product's only photos are one burst: nothing outside a burst vouches for its label, so nothing is flagged
+    (every burst used to be 'suggested' the other product)."""
+    cat = Catalogue(tmp_path / "cat")
+    for name in ("red-box", "blue-can"):
+        for i in range(8):
+            cat.add_image(shot(name, i), product=name, create_product=True, source_kind="webcam")
+    report, _, _ = review_catalogue(cat)
+    assert [s for s in report.suspects if s["kind"] != "outlier"] == [] and report.sessions == []
+
+
 def test_sessions_are_webcam_or_upload_runs_of_one_product_close_in_time():
     t = lambda s: f"2026-12-04T10:00:{s:02d}+00:00"  # noqa: E731
     rows = [{"product": "a", "source": "webcam", "created_at": t(0)}, {"product": "a", "source": "webcam", "created_at": t(1)},
