@@ -134,7 +134,10 @@ def cmd_review(cat, args):
         checkpoint = active.read(cat.root).get("checkpoint")
         if not checkpoint:
             raise CatalogueError("--with-model active: this catalogue has no active trained model")
-    report, rows, _ = review_catalogue(cat, checkpoint=checkpoint)
+    try:
+        report, rows, _ = review_catalogue(cat, checkpoint=checkpoint)
+    except (OSError, ValueError) as exc:  # an unreadable checkpoint (CheckpointError is a ValueError)
+        raise CatalogueError(f"--with-model {args.with_model}: {exc}") from None
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
         return

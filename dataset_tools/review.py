@@ -40,7 +40,7 @@ class ReviewReport:
     duplicates: list = field(default_factory=list)   # [id, id, similarity] across products or across splits
     sessions: list = field(default_factory=list)     # {"ids", "product", "suggested", "score"}
     confusion: dict = field(default_factory=dict)    # product -> {other product: photos that look like it}
-    probabilities: np.ndarray | None = None          # (N, C) out-of-sample, for "capture next" hints
+    probabilities: np.ndarray | None = None          # (N, C) out of sample, each product scaled by its threshold
 
     def to_dict(self) -> dict:
         return {"suspects": self.suspects, "duplicates": self.duplicates, "sessions": self.sessions, "confusion": self.confusion}

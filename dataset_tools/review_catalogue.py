@@ -45,8 +45,8 @@ def kept(cat: Catalogue) -> set[tuple[int, str]]:
 
 
 def photo_rows(cat: Catalogue) -> list[dict]:
-    """Every photo in capture order: id, product (None: unlabelled), source, split, created_at."""
-    return [{k: img[k] for k in ("id", "product", "source", "split", "created_at", "tags")} for img in cat.images()]
+    """Every photo in capture order: id, path, product (None: unlabelled), source, split, created_at, tags."""
+    return [{k: img[k] for k in ("id", "path", "product", "source", "split", "created_at", "tags")} for img in cat.images()]
 
 
 def catalogue_embeddings(cat: Catalogue, rows: list[dict], checkpoint: str | None = None, progress=None) -> np.ndarray:
@@ -60,12 +60,8 @@ def catalogue_embeddings(cat: Catalogue, rows: list[dict], checkpoint: str | Non
     instant.sync(progress=progress)
     have = instant.index.embeddings
     missing = [r for r in rows if r["id"] not in have]  # unlabelled photos: not in the index
-    extra = dict(zip([r["id"] for r in missing], instant.embedder([cat.image_path(_path(cat, r["id"])) for r in missing]))) if missing else {}
+    extra = dict(zip([r["id"] for r in missing], instant.embedder([cat.image_path(r) for r in missing]))) if missing else {}
     return np.stack([have[r["id"]] if r["id"] in have else extra[r["id"]] for r in rows]).astype(np.float32)
-
-
-def _path(cat: Catalogue, image_id: int) -> str:
-    return cat.db.execute("SELECT path FROM images WHERE id = ?", [image_id]).fetchone()[0]
 
 
 def _model_embeddings(cat: Catalogue, rows, checkpoint: str) -> np.ndarray:
@@ -79,7 +75,7 @@ def _model_embeddings(cat: Catalogue, rows, checkpoint: str) -> np.ndarray:
     backbone = build_model(ckpt).backbone.eval().to(resolve_device("auto"))
     out = []
     for start in range(0, len(rows), 64):
-        chunk = [np.asarray(_rgb(cat.image_path(_path(cat, r["id"])))) for r in rows[start:start + 64]]
+        chunk = [np.asarray(_rgb(cat.image_path(r))) for r in rows[start:start + 64]]
         out.append(pooled_features(backbone, chunk, ckpt.config.input_size))
     feats = torch.cat(out).numpy()
     return feats / (np.linalg.norm(feats, axis=1, keepdims=True) + 1e-12)

@@ -123,6 +123,24 @@ def test_folding_is_a_cpu_trick_that_other_devices_skip():
     assert inference_copy(model) is model  # no probe pass, no copy: the model answers as it is
 
 
+def test_stage_training_folds_batchnorm_on_a_cpu_only(tmp_path):
+    """TrainingFold is a CPU speed trick: a stage on any other device trains the plain modules."""
+    import contextlib
+
+    from ntsnet.fuse import TrainingFold
+    from training.fit import FitContext, StagePlan, StageTrainer
+    from training.progressive import ProgressiveConfig
+
+    cfg = ProgressiveConfig(backbone="tiny", workers=0, freeze_stride=0)
+    items = [{"path": "unused.jpg", "label": 0}, {"path": "unused.jpg", "label": 1}]
+    for device in ("cpu", "meta"):
+        model = create_model(NTSConfig(model="baseline", backbone="tiny", num_classes=2, input_size=64, cat_num=0,
+                                       proposal_num=1), pretrained=False).to(device)
+        plan = StagePlan("finetune", items, 64, 1.0, lambda out, y: None)
+        trainer = StageTrainer(model, plan, FitContext(cfg, torch.device(device)))
+        assert isinstance(trainer.fold, TrainingFold if device == "cpu" else contextlib.nullcontext)
+
+
 def test_the_training_folds_check_runs_with_tf32_off_and_restores_it():
     from ntsnet.device import exact_fp32
 

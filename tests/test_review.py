@@ -222,5 +222,8 @@ def test_the_review_command_prints_one_json_object_and_the_catalogue_api_needs_n
     assert set(first) >= {"id", "product", "suggested", "score", "kind"}
     assert [s["score"] for s in data["suspects"]] == sorted((s["score"] for s in data["suspects"]), reverse=True)
     assert data["sessions"][0]["ids"] == ids["burst"]
+    bad = subprocess.run([sys.executable, "-m", "dataset_tools", "--db", str(cat.root), "review", "--with-model", "missing.safetensors"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --with-model missing.safetensors") and "Traceback" not in bad.stderr
     no_torch = "import sys; sys.modules['torch'] = None; import dataset_tools, dataset_tools.review, dataset_tools.history, dataset_tools.review_catalogue"
     assert subprocess.run([sys.executable, "-c", no_torch], cwd=ROOT).returncode == 0
