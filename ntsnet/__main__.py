@@ -23,22 +23,34 @@ def _load_predictor(args, wait: bool = True):
 
 
 def cmd_predict(args) -> int:
+    from .images import image_paths, read_in_batches
+
     predictor = _load_predictor(args)
+    paths = image_paths(args.images)
+    if not paths:
+        print("error: no photos in the folders given", file=sys.stderr)
+        return 1
     failed = 0
-    for path in args.images:
-        try:
-            pred = predictor.predict(path)
-        except ImageLoadError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            failed += 1
-            continue
-        if args.json:
-            print(json.dumps({"image": path, **pred.to_dict(), "backend": predictor.backend_name}, ensure_ascii=False), flush=True)
-        else:
-            top5 = ", ".join(f"{n} {p:.1%}" for n, p in pred.top5)
-            boxes = " ".join(f"[{b.x0:.0f},{b.y0:.0f},{b.x1:.0f},{b.y1:.0f} s={b.score:.2f}]" for b in pred.boxes)
-            print(f"{path}: {pred.label} ({pred.confidence:.1%}, {predictor.backend_name})\n  top-5: {top5}\n  boxes: {boxes or '-'}", flush=True)
+    # a GPU gets its photos in large batches, decoded by threads while the previous batch runs
+    for batch in read_in_batches(paths, predictor.preferred_batch if len(paths) > 1 else 1):
+        good = [arr for _, arr in batch if not isinstance(arr, ImageLoadError)]
+        answers = iter(predictor.predict_batch(good) if good else [])
+        for path, arr in batch:
+            if isinstance(arr, ImageLoadError):
+                print(f"error: {arr}", file=sys.stderr)
+                failed += 1
+            else:
+                _print_prediction(path, next(answers), predictor.backend_name, args.json)
     return 1 if failed else 0
+
+
+def _print_prediction(path, pred, backend: str, as_json: bool):
+    if as_json:
+        print(json.dumps({"image": path, **pred.to_dict(), "backend": backend}, ensure_ascii=False), flush=True)
+    else:
+        top5 = ", ".join(f"{n} {p:.1%}" for n, p in pred.top5)
+        boxes = " ".join(f"[{b.x0:.0f},{b.y0:.0f},{b.x1:.0f},{b.y1:.0f} s={b.score:.2f}]" for b in pred.boxes)
+        print(f"{path}: {pred.label} ({pred.confidence:.1%}, {backend})\n  top-5: {top5}\n  boxes: {boxes or '-'}", flush=True)
 
 
 def cmd_draw(args) -> int:
@@ -99,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="print label, confidence, top-5 and Navigator boxes per image")
     common(p)
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="photos, or folders of photos")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_predict)
 

@@ -100,19 +100,44 @@ def _greedy_picks(order: np.ndarray, suppress: np.ndarray, top_n: int) -> list[i
     return picks
 
 
+def select_on_device(scores: torch.Tensor, table: torch.Tensor, top_n: int) -> torch.Tensor:
+    """Hard NMS of every image at once with the suppression table as a (A, A) bool tensor on the scores' device:
+    ``top_n`` rounds of "the best anchor still alive" for the whole batch. No value is read back to the host, so a
+    GPU's queue stays full and a captured or compiled step sees one graph. Picks equal ``_greedy_picks``': argmax
+    returns the first of equal scores, as the stable sort does."""
+    b, a = scores.shape
+    s = scores.detach().float()
+    lowest = torch.finfo(torch.float32).min
+    dropped = torch.zeros(b, a, dtype=torch.bool, device=s.device)
+    taken = torch.zeros_like(dropped)
+    rows = torch.arange(b, device=s.device)
+    picks = []
+    for _ in range(top_n):
+        alive = s.masked_fill(dropped, lowest).argmax(1)
+        spare = s.masked_fill(taken, lowest).argmax(1)  # none left alive: the best suppressed one fills the gap
+        pick = torch.where((~dropped).any(1), alive, spare)
+        taken[rows, pick] = True
+        dropped |= table[pick] | taken
+        picks.append(pick)
+    return torch.stack(picks, 1)
+
+
 def select_proposals(scores: torch.Tensor, anchors: torch.Tensor, top_n: int, iou_threshold: float = 0.25,
-                     table: np.ndarray | None = None) -> torch.Tensor:
+                     table: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
     """Hard NMS per image; returns (B, top_n) anchor indices, best first.
 
     Greedy: take the highest-scoring anchor, drop every anchor overlapping it by IoU > threshold, repeat.
-    On a CPU with the anchors' ``suppression_table`` this stops after ``top_n`` picks (torchvision's
-    ``batched_nms`` suppresses over all anchors); elsewhere all images go through one ``batched_nms``
-    call. In the rare case that fewer than ``top_n`` anchors survive (tiny inputs have few anchors), the best
-    suppressed ones fill the gap so shapes stay fixed.
+    With the anchors' ``suppression_table`` this stops after ``top_n`` picks (torchvision's ``batched_nms``
+    suppresses over all anchors): as a numpy array on a CPU, walked per image (fastest for one live frame); as
+    a tensor on the scores' device, ``select_on_device``. Without a table all images go through one
+    ``batched_nms`` call. In the rare case that fewer than ``top_n`` anchors survive (tiny inputs have few
+    anchors), the best suppressed ones fill the gap so shapes stay fixed.
     """
     b, a = scores.shape
     if top_n == 0:
         return torch.empty(b, 0, dtype=torch.long, device=scores.device)
+    if isinstance(table, torch.Tensor):
+        return select_on_device(scores, table.to(scores.device), top_n)
     if table is not None and scores.device.type == "cpu":
         # a stable descending sort: the order torchvision's kernel walks, ties included
         orders = scores.detach().float().sort(dim=1, descending=True, stable=True).indices.numpy()

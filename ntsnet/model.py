@@ -80,12 +80,13 @@ class NTSNet(nn.Module):
         self.num_anchors = anchor_count(config.input_size)
 
     def suppression_table(self, device: torch.device):
-        """The anchors' NMS table (see anchors.suppression_table), on a CPU only; built on first use."""
-        if device.type != "cpu":
-            return None
-        key = (self.config.input_size, self.config.nms_iou)
+        """The anchors' NMS table (see anchors.suppression_table), built on first use: a numpy array on a CPU, a
+        bool tensor on any other device (select_on_device: the whole batch at once, nothing read back)."""
+        key = (self.config.input_size, self.config.nms_iou, str(device))
         if getattr(self, "_table_key", None) != key:
-            self._table, self._table_key = suppression_table(self.anchors.cpu(), self.config.nms_iou), key
+            table = suppression_table(generate_anchors(self.config.input_size), self.config.nms_iou)  # also for a model on "meta"
+            self._table = table if device.type == "cpu" else torch.from_numpy(table).to(device)
+            self._table_key = key
         return self._table
 
     @property

@@ -25,6 +25,9 @@ from .runtime import isa_cap_allows_bf16, keep_freed_memory, single_torch_thread
 
 log = logging.getLogger("ntsnet")
 
+# 'auto' precision on a GPU: fp32 below this many photos per call, bf16 from it (benchmarks/gpu_check.py measures both)
+GPU_BF16_FROM_BATCH = 8
+
 
 @dataclass
 class Box:
@@ -107,6 +110,9 @@ class Predictor:
         if precision not in ("fp32", "bf16"):
             raise ValueError("precision must be 'auto', 'fp32' or 'bf16'")
         self.precision = precision
+        self.auto_precision = requested_precision == "auto"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one input size: cuDNN's fastest kernels are found once per batch size
         # 'auto' on a bf16 CPU: only the part pass in bf16, as the compiled engine does (see _Bf16Parts)
         self.eager_engine = None
         if self.device.type == "cpu":
@@ -195,10 +201,21 @@ class Predictor:
         # the export goes to the user cache, not into the Hub's snapshot folder
         return cls.from_checkpoint(path, device=device, precision=precision, backend=backend, export_beside=False)
 
-    def _autocast(self):
-        if self.precision == "bf16" and self.eager_engine is None:
+    def _autocast(self, batch: int = 1):
+        if self.precision == "bf16" and self.eager_engine is None and self.bf16_for(batch):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def bf16_for(self, batch: int) -> bool:
+        """Whether a batch of this size runs in bf16: always when asked for; with 'auto' on a GPU only from
+        GPU_BF16_FROM_BATCH photos (a single frame is latency-bound, and bf16's casts made it slower there)."""
+        return not (self.auto_precision and self.device.type == "cuda" and batch < GPU_BF16_FROM_BATCH)
+
+    @property
+    def preferred_batch(self) -> int:
+        """Photos per call for a folder, an evaluation or a review: a GPU is fed in large batches, a CPU frame by frame
+        as fast (the compiled engine runs one frame at a time)."""
+        return 64 if self.device.type == "cuda" else 16
 
     def predict_batch(self, images, top_k: int = 5, memory: dict | None = None, refresh_every: int = 4) -> list[Prediction]:
         """``memory`` (live video, one image at a time): a dict kept by the caller between frames. When the
@@ -215,7 +232,7 @@ class Predictor:
         if not arrays:
             return []
         size = self.config.input_size
-        x = to_input_tensor(arrays, size, self.model.mean, self.model.std).to(self.device)
+        x = to_input_tensor(arrays, size, self.model.mean, self.model.std, device=self.device)
         engine = self.engine  # read once: a background build may swap it in between frames
         if engine is not None and memory is not None and self.live_threads:
             engine = engine.with_threads(self.live_threads)
@@ -228,7 +245,7 @@ class Predictor:
         else:
             if self.device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
+            with self._autocast(len(arrays)):
                 out = self.net(x, num_parts=self.config.cat_num, engine=self.eager_engine, reuse=reuse)
         if memory is not None and out.part_features is not None:
             reused = reuse is not None and out.part_features is reuse[1]

@@ -107,10 +107,42 @@ def test_nms_fills_up_when_too_few_anchors_survive(with_table):
     assert idx.tolist() == [[1, 2, 0]]  # 1 survives NMS; the suppressed ones follow by score
 
 
-def test_the_model_uses_one_table_per_size_and_none_off_the_cpu():
+def test_the_model_keeps_one_table_per_size_and_device():
     from ntsnet import NTSConfig, create_model
 
     net = create_model(NTSConfig(backbone="tiny", num_classes=2, input_size=64, part_size=32, proposal_num=3, cat_num=2), pretrained=False)
     table = net.suppression_table(torch.device("cpu"))
     assert table.shape == (net.num_anchors, net.num_anchors) and table is net.suppression_table(torch.device("cpu"))
-    assert net.suppression_table(torch.device("cuda")) is None
+    on_device = net.suppression_table(torch.device("meta"))  # what a GPU gets: a bool tensor there
+    assert isinstance(on_device, torch.Tensor) and on_device.device.type == "meta" and on_device.dtype == torch.bool
+    assert on_device.shape == table.shape
+
+
+@pytest.mark.parametrize("size,top_n", [(448, 6), (448, 4), (224, 6), (96, 6), (32, 6)])
+@pytest.mark.parametrize("seed", range(4))
+def test_the_batched_device_nms_picks_what_the_cpu_walk_picks(size, top_n, seed):
+    """select_on_device (a GPU's NMS: the whole batch at once) against the per-image walk: the same picks, in the same
+    order, also for tied scores (odd seeds) and for tiny inputs where suppressed anchors fill the gap."""
+    anchors = generate_anchors(size)
+    table = suppression_table(anchors, 0.25)
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(7, anchors.shape[0], generator=g)
+    if seed % 2:
+        scores = scores.round(decimals=1)
+    n = min(top_n, anchors.shape[0])
+    walked = select_proposals(scores, anchors, n, 0.25, table=table)
+    batched = select_proposals(scores, anchors, n, 0.25, table=torch.from_numpy(table))
+    assert torch.equal(walked, batched)
+
+
+def test_a_training_step_reads_nothing_back_from_its_device():
+    """A value read back to the host inside the step stalls a GPU's queue (the old NMS did it per image). On the meta
+    device any read-back raises, so the whole step (forward with M proposals, the three losses, backward) running
+    there shows there is none."""
+    from ntsnet import NTSConfig, NTSNet, nts_loss
+
+    cfg = NTSConfig(backbone="tiny", num_classes=3, input_size=96, part_size=48, proposal_num=4, cat_num=2)
+    net = NTSNet(cfg, pretrained=False).to("meta").train()
+    out = net(torch.randn(4, 3, 96, 96, device="meta"))
+    nts_loss(out, torch.zeros(4, dtype=torch.long, device="meta"), cfg)["total"].backward()
+    assert out.part_index.shape == (4, 4) and out.part_boxes.device.type == "meta"

@@ -78,3 +78,24 @@ def test_live_mode_headless_on_a_generated_video(tiny_checkpoint, tmp_path):
     assert n == 12
     r = run_cli("live", "--checkpoint", tiny_checkpoint, "--source", tmp_path / "nope.mp4", "--no-window", "--out", out)
     assert r.returncode == 1 and "cannot open" in r.stderr
+
+
+def test_predict_over_a_folder_in_batches(tiny_checkpoint, tmp_path):
+    """A folder stands for its photos (subfolders too, sorted); they are predicted in batches, answered in order, and
+    an unreadable one is an error line that does not stop the others."""
+    rng = np.random.default_rng(4)
+    names = ["green-pack", "red-box", "blue-can", "red-box", "green-pack"]
+    (tmp_path / "shelf" / "more").mkdir(parents=True)
+    paths = []
+    for i, name in enumerate(names):
+        path = tmp_path / "shelf" / ("more" if i >= 3 else "") / f"{i}-{name}.png"
+        Image.fromarray(draw_product(rng, name)).save(path)
+        paths.append(path)
+    (tmp_path / "shelf" / "2b-broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "shelf" / "readme.txt").write_text("not a photo, not read")
+    r = run_cli("predict", "--checkpoint", tiny_checkpoint, tmp_path / "shelf", "--json", "--backend", "torch")
+    assert r.returncode == 1
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [d["image"] for d in lines] == sorted(map(str, paths))
+    assert [d["label"] for d in lines] == [p.stem.split("-", 1)[1] for p in sorted(paths)]
+    assert "2b-broken.jpg" in r.stderr and "readme" not in r.stderr

@@ -131,7 +131,7 @@ def test_stage_training_folds_batchnorm_on_a_cpu_only(tmp_path):
     from training.fit import FitContext, StagePlan, StageTrainer
     from training.progressive import ProgressiveConfig
 
-    cfg = ProgressiveConfig(backbone="tiny", workers=0, freeze_stride=0)
+    cfg = ProgressiveConfig(backbone="tiny", batch_size=16, workers=0, freeze_stride=0)  # as ProgressiveRun resolves it
     items = [{"path": "unused.jpg", "label": 0}, {"path": "unused.jpg", "label": 1}]
     for device in ("cpu", "meta"):
         model = create_model(NTSConfig(model="baseline", backbone="tiny", num_classes=2, input_size=64, cat_num=0,

@@ -68,10 +68,14 @@ def test_short_run_learns_a_separable_task(catalogue, tmp_path, opencv_pool_of_t
     assert again["state"] == "finished" and len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 8
 
 
-def test_runs_are_deterministic_given_a_seed(catalogue, tmp_path):
+def test_runs_are_deterministic_given_a_seed_with_any_number_of_workers(catalogue, tmp_path):
+    """The same losses, epoch by epoch, with no workers and with two kept across epochs (training/feeding.py)."""
     a = train(tiny_config(catalogue, tmp_path / "a", epochs=2), log=lambda *a: None)
-    b = train(tiny_config(catalogue, tmp_path / "b", epochs=2), log=lambda *a: None)
+    b = train(tiny_config(catalogue, tmp_path / "b", epochs=2, workers=2), log=lambda *a: None)
     assert a["total"] == b["total"] and a["val_acc"] == b["val_acc"]
+    rows = [[{k: r[k] for k in ("total", "L_I", "L_S", "L_C", "train_acc", "val_acc")}
+             for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())] for run in ("a", "b")]
+    assert rows[0] == rows[1] and len(rows[0]) == 2
 
 
 def _run_train_cli(db, out, epochs, **popen):

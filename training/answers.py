@@ -31,14 +31,19 @@ def answer_predictions(model, arrays, batch: int = 16) -> dict[str, tuple[list[i
     model.eval()
     size, answers = model.config.input_size, answers_of(model)
     batch = eval_batch_size(model, batch)
-    out = {a: ([], []) for a in answers}
+    device = device_of(model)
+    kept = {a: [] for a in answers}
     for start in range(0, len(arrays), batch):
-        x = to_device_of(model, to_input_tensor(arrays[start:start + batch], size, model.mean, model.std))
+        # resized on the model's device (a GPU gets uint8 photos); read back once, after the last batch
+        x = to_device_of(model, to_input_tensor(arrays[start:start + batch], size, model.mean, model.std, device=device))
         logits = model(x, num_parts=model.config.cat_num if model.config.model == "ntsnet" else None)
         for a in answers:
-            conf, pred = answer_probabilities(logits, a).float().max(1)
-            out[a][0].extend(pred.tolist())
-            out[a][1].extend(conf.tolist())
+            kept[a].append(answer_probabilities(logits, a).float().max(1))
+    out = {a: ([], []) for a in answers}
+    for a, parts in kept.items():
+        if parts:
+            conf, pred = torch.cat([c for c, _ in parts]).cpu(), torch.cat([p for _, p in parts]).cpu()
+            out[a] = (pred.tolist(), conf.tolist())
     return out
 
 

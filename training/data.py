@@ -81,10 +81,15 @@ def load_rgb(path: str) -> Image.Image | None:
         return None
 
 
-def to_tensor(im: Image.Image, size: int, flip: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+def to_tensor(im: Image.Image, size: int, flip: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+              as_uint8: bool = False) -> torch.Tensor:
+    """The model input (3, size, size) of a photo; ``as_uint8``: its pixels only, for ``normalise_batch`` to finish on
+    the device (the same values: the same steps in the same order)."""
     im = im.resize((size, size), Image.BILINEAR)
     if flip:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    if as_uint8:
+        return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
     x = normalise_exposure(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
@@ -214,28 +219,31 @@ class PhotoDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: list[dict], size: int, train: bool, seed: int = 0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 augment: str = "flip"):
-        """``augment``: 'flip' (the paper's recipe) or 'store' (``store_augment``); only when ``train``."""
+                 augment: str = "flip", as_uint8: bool = False):
+        """``augment``: 'flip' (the paper's recipe) or 'store' (``store_augment``); only when ``train``. ``as_uint8``:
+        photos as uint8 pixels, normalised on the device (training/feeding.py: as_model_input)."""
         self.items, self.size, self.train, self.seed, self.augment = items, size, train, seed, augment
-        self.mean, self.std = mean, std
+        self.mean, self.std, self.as_uint8 = mean, std, as_uint8
         self.epoch = 0
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
+        """``i``: an index, or (epoch, index) from an EpochSampler (workers kept across epochs learn the epoch so)."""
+        epoch, i = i if isinstance(i, tuple) else (self.epoch, i)
         item = self.items[i]
         im = load_rgb(item["path"])
         if im is None:
             return None
         flip = False
         if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, i])
+            rng = np.random.default_rng([self.seed, epoch, i])
             if self.augment == "store":
                 im = store_augment(im, rng, size=self.size)
             else:
                 flip = bool(rng.random() < 0.5)
-        return to_tensor(im, self.size, flip, self.mean, self.std), item["label"]
+        return to_tensor(im, self.size, flip, self.mean, self.std, self.as_uint8), item["label"]
 
 
 def collate(batch):

@@ -128,7 +128,7 @@ def _scores(predictor, items, batch_size=16):
     return out
 
 
-def evaluate(checkpoint, db, split: str = "test", out_dir=None, conditions=CONDITIONS, batch_size: int = 16,
+def evaluate(checkpoint, db, split: str = "test", out_dir=None, conditions=CONDITIONS, batch_size: int | None = None,
              device: str = "auto", precision: str = "auto", progress: bool = True, predictor=None,
              unknown_products=()) -> dict:
     from tqdm import tqdm
@@ -138,6 +138,7 @@ def evaluate(checkpoint, db, split: str = "test", out_dir=None, conditions=CONDI
     # background=False: a missing compiled export is built first (seconds), then every photo runs compiled
     predictor = predictor or Predictor.from_checkpoint(checkpoint, device=device, precision=precision, background=False)
     names = predictor.class_names
+    batch_size = batch_size or predictor.preferred_batch
     items, unknown = eval_items(db, names, split)
     unknown_items = _unknown_items(db, names, unknown_products) if unknown_products else []
     known_scores: list[float] = []

@@ -36,14 +36,15 @@ def embed_batches(backbone, batches, engine=None) -> torch.Tensor:
         if engine is not None:
             out.append(engine.run("pooled", x)[0])
         else:
-            out.append(backbone(to_device_of(backbone, x)).float().mean((2, 3)).cpu())
-    return torch.cat(out) if out else torch.zeros(0, backbone.out_channels)
+            out.append(backbone(to_device_of(backbone, x)).float().mean((2, 3)))
+    return torch.cat(out).cpu() if out else torch.zeros(0, backbone.out_channels)  # one read-back, at the end
 
 
 def pooled_features(backbone, arrays, size: int, engine=None, batch: int = 32) -> torch.Tensor:
     """(N, C) pooled backbone features of RGB arrays resized to ``size`` (see embed_batches); larger batches on a GPU."""
-    batch = batch * 4 if device_of(backbone).type == "cuda" else batch
-    chunks = (to_input_tensor(arrays[i:i + batch], size, backbone.mean, backbone.std) for i in range(0, len(arrays), batch))
+    device = device_of(backbone) if engine is None else torch.device("cpu")
+    batch = batch * 4 if device.type == "cuda" else batch
+    chunks = (to_input_tensor(arrays[i:i + batch], size, backbone.mean, backbone.std, device=device) for i in range(0, len(arrays), batch))
     return embed_batches(backbone, chunks, engine)
 
 

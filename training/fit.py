@@ -20,6 +20,7 @@ from . import distributed
 from .answers import selection_accuracy
 from .cutmix import cutmix, mixed_losses
 from .data import DataError, PhotoDataset, collate
+from .feeding import EpochSampler, StepTally, as_model_input, run_loader
 
 
 def train_mode(model):
@@ -112,9 +113,14 @@ class StageTrainer:
         self.world, self.rank, _ = distributed.info()
         self.main = self.rank == 0
         self.opt, self.base_lrs = self._optimizer()
-        self.ds = PhotoDataset(plan.items, plan.size, train=True, seed=cfg.seed, mean=model.mean, std=model.std, augment="store")
+        self.ds = PhotoDataset(plan.items, plan.size, train=True, seed=cfg.seed, mean=model.mean, std=model.std, augment="store",
+                               as_uint8=ctx.device.type == "cuda")
         if len(self.ds) < self.world:
             raise DataError(f"{len(self.ds)} training photos cannot be shared among {self.world} processes")
+        self.sampler = EpochSampler(len(self.ds), cfg.seed, lambda order: distributed.shard(order, self.world, self.rank))
+        # workers live for the stage; for a handful of photos starting them costs more than they save
+        workers = cfg.workers if len(self.sampler) >= 4 * cfg.batch_size else 0
+        self.loader = run_loader(self.ds, self.sampler, cfg.batch_size, workers, ctx.device, collate)
         self.net = distributed.wrap(model, ctx.device)
         self.average = WeightAverage(model, cfg.ema_share * plan.seconds) if cfg.ema_share > 0 else None
         # BatchNorm folded while training is a CPU speed trick (fuse.py); a GPU runs the plain modules
@@ -141,15 +147,8 @@ class StageTrainer:
         return time.perf_counter() - self.t_start
 
     def _loader(self, epoch: int):
-        cfg = self.ctx.cfg
-        self.ds.epoch = epoch
-        order = torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
-        order = distributed.shard(order, self.world, self.rank)
-        # worker processes start anew every epoch: for a handful of photos that costs more than it saves
-        workers = cfg.workers if len(order) >= 4 * cfg.batch_size else 0
-        return torch.utils.data.DataLoader(self.ds, sampler=order, batch_size=cfg.batch_size, collate_fn=collate,
-                                           num_workers=workers, drop_last=len(order) > cfg.batch_size,
-                                           pin_memory=self.ctx.device.type == "cuda")
+        self.sampler.epoch = epoch
+        return self.loader
 
     def _schedule(self, t0: float) -> float:
         """The share of the schedule done: wall clock (loading and evaluating count against the budget), ending with
@@ -158,19 +157,19 @@ class StageTrainer:
         min_steps = self.ctx.cfg.min_steps
         return min(frac, self.steps / min_steps) if min_steps else frac
 
-    def _step(self, x, y, frac: float, sums: dict) -> int:
-        """One optimiser step at schedule position ``frac``; returns how many photos it got right."""
+    def _step(self, x, y, frac: float, tally: StepTally):
+        """One optimiser step at schedule position ``frac``, counted in ``tally``."""
         t0 = time.perf_counter()
         warm = min(1.0, frac / 0.05)
         for group, lr in zip(self.opt.param_groups, self.base_lrs):
             group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * frac))
         device = self.ctx.device
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = as_model_input(self.model, x), y.to(device, non_blocking=True)
         mixed = self.plan.cutmix_share > 0 and self.mix_rng.random() < self.plan.cutmix_share
         if mixed:
             x, partner, lam = self.ctx.mix(x, y, self.mix_rng)
         if device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)  # CutMix may have returned another layout
         with self.ctx.autocast(), self.fold:
             out = self.net(x)
         losses = mixed_losses(self.plan.loss_fn, out, y, partner, lam) if mixed else self.plan.loss_fn(out, y)
@@ -183,15 +182,13 @@ class StageTrainer:
         self.trained_seconds += time.perf_counter() - t0
         self.steps += 1
         self.seen += len(y)
-        for k in sums:
-            sums[k] += float(losses[k].detach()) * len(y)
-        return int((out.concat_logits.argmax(1) == y).sum())
+        tally.add(losses, out.concat_logits, y)
 
     def _epoch(self, epoch: int) -> tuple[bool, bool, dict, int, int]:
         """One pass over the photos, or less when the stage ends in it: (done, extended, loss sums, photos, right)."""
         ctx, plan = self.ctx, self.plan
         train_mode(self.model)
-        sums, n_seen, correct = {"total": 0.0, "L_I": 0.0, "L_S": 0.0, "L_C": 0.0}, 0, 0
+        tally, shown = StepTally(ctx.device), time.perf_counter()
         for x, y, _ in self._loader(epoch):
             t0 = time.perf_counter()
             frac = self._schedule(t0)
@@ -199,17 +196,27 @@ class StageTrainer:
             spent = t0 - self.t_start >= plan.seconds and self.steps >= max(ctx.cfg.min_steps, 1)
             halt, skip, frac = distributed.step_consensus(bool(ctx.stop) or spent, x is None, frac, ctx.device)
             if halt:
-                return True, False, sums, n_seen, correct
+                return (True, False, *self._totals(tally))
             if skip:
                 continue
-            correct += self._step(x, y, frac, sums)
-            n_seen += len(y)
-            ctx.progress(stage=plan.stage, images_per_s=round(self.world * self.seen / max(self.trained_seconds, 1e-9), 2),
-                         stage_seconds_left=round(max(0.0, plan.seconds - self.elapsed()), 1),
-                         loss={k: round(v / n_seen, 4) for k, v in sums.items()}, train_acc=round(correct / n_seen, 4))
+            self._step(x, y, frac, tally)
+            if time.perf_counter() - shown >= 1.0 or ctx.device.type != "cuda":  # a GPU's figures: once a second
+                shown = time.perf_counter()
+                self._show(tally)
             if distributed.agree(self.elapsed() >= plan.seconds and self.steps >= ctx.cfg.min_steps, ctx.device):
-                return True, t0 - self.t_start >= plan.seconds, sums, n_seen, correct  # extended: spent before this step
-        return False, False, sums, n_seen, correct
+                return (True, t0 - self.t_start >= plan.seconds, *self._totals(tally))  # extended: spent before this step
+        return (False, False, *self._totals(tally))
+
+    @staticmethod
+    def _totals(tally: StepTally) -> tuple[dict, int, int]:
+        sums, right = tally.read()
+        return sums, tally.seen, right
+
+    def _show(self, tally: StepTally):
+        sums, right = tally.read()
+        self.ctx.progress(stage=self.plan.stage, images_per_s=round(self.world * self.seen / max(self.trained_seconds, 1e-9), 2),
+                          stage_seconds_left=round(max(0.0, self.plan.seconds - self.elapsed()), 1),
+                          loss={k: round(v / tally.seen, 4) for k, v in sums.items()}, train_acc=round(right / tally.seen, 4))
 
     def _row(self, epoch, sums, n_seen, correct, acc) -> dict:
         select = self.plan.val is not None

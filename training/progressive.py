@@ -40,8 +40,8 @@ class ProgressiveConfig:
     cat_num: int = 4                   # K
     proposal_num: int = 6              # M
     views: int = 8                     # augmented views per photo for stage 1 (fewer when the catalogue is large)
-    batch_size: int = 16
-    lr: float = 0.005                  # backbone; new heads get head_lr_mult times this
+    batch_size: int | None = None      # None: 16 on a CPU, a GPU's from its memory (training/feeding.py), lr scaled with it
+    lr: float = 0.005                  # backbone, for a batch of 16; new heads get head_lr_mult times this
     head_lr_mult: float = 10.0
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
@@ -55,7 +55,7 @@ class ProgressiveConfig:
     freeze_stride: int | None = None   # stages 2-3 keep the layers up to this stride frozen; 0: train all; None: 8 on a CPU, 0 on a GPU
     device: str = "auto"
     precision: str = "auto"
-    workers: int = 2
+    workers: int | None = None         # None: 2 on a CPU, every core but two on a GPU
     seed: int = 0
     exclude_products: str = ""
     activate: bool = True              # propose each stage to the catalogue's active model

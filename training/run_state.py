@@ -23,6 +23,7 @@ from . import active, distributed, gate
 from .answers import choose_test_size, evaluate_model, selection_accuracy
 from .cutmix import cutmix
 from .data import Snapshot, take_snapshot
+from .feeding import resolve_feeding
 from .fit import FitContext, StagePlan, fit
 from .openset import threshold_record
 from .progressive import STAGES, ProgressiveConfig, auto_minutes
@@ -64,6 +65,8 @@ class ProgressiveRun:
         self.precision = choose_precision(self.device, cfg.precision, bf16_on_cpu=False)
         self.autocast = autocast_for(self.device, self.precision)
         self.files = RunFiles(self.run_dir, enabled=self.main, clock_start=self.t_job)
+        size = cfg.input_size or (448 if self.device.type == "cuda" else 224)
+        feeding = resolve_feeding(cfg, self.device, cfg.backbone, max(size, cfg.ntsnet_size or size), cpu_batch=16)
         self.snap = self._snapshot()
         self.names, self.n_cls = self.snap.class_names, len(self.snap.class_names)
         self.budget = (cfg.max_minutes if cfg.max_minutes is not None else auto_minutes(len(self.snap.train))) * 60
@@ -81,6 +84,8 @@ class ProgressiveRun:
                                    val_images=len(val_items), device=str(self.device), precision=self.precision, processes=self.world)
         self.log(f"progressive training: {self.n_cls} products, {len(self.snap.train)} training / {len(val_items)} validation photos, "
                  f"budget {self.budget / 60:.1f} min, stages {' -> '.join(self.stages)}, device {self.device} {self.precision}")
+        if feeding:
+            self.log(feeding)
 
     def _snapshot(self) -> Snapshot:
         snap_path = self.run_dir / "snapshot.json"

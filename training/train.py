@@ -20,12 +20,13 @@ from tqdm import tqdm
 
 from ntsnet import NTSConfig, create_model, nts_loss, save_checkpoint
 from ntsnet.checkpoint import atomic_write
-from ntsnet.device import autocast_for, resolve_device, to_device_of
+from ntsnet.device import autocast_for, resolve_device
 from ntsnet.predictor import cpu_supports_fast_bf16
 from ntsnet.runtime import keep_freed_memory, opencv_on_one_thread
 
 from . import distributed
 from .data import PhotoDataset, Snapshot, collate, take_snapshot
+from .feeding import EpochSampler, StepTally, as_model_input, resolve_feeding, run_loader
 from .runfiles import CancelFlag, RunFiles
 
 
@@ -37,19 +38,19 @@ class TrainConfig:
     backbone: str = "efficientnet_lite0"  # paper: resnet50; Lite0 has offline weights and is 3.7x faster here
     pretrained: bool = True
     epochs: int = 30
-    batch_size: int = 8
+    batch_size: int | None = None      # None: 8 on a CPU, a GPU's from its memory (training/feeding.py), lr scaled with it
     input_size: int = 448              # paper 2.3
     part_size: int = 224
     proposal_num: int = 6              # M
     cat_num: int = 4                   # K
-    lr: float = 0.001                  # paper: SGD, momentum 0.9, lr 0.001 fixed, weight decay 1e-4
+    lr: float = 0.001                  # paper: SGD, momentum 0.9, lr 0.001 fixed, weight decay 1e-4; for a batch of 8
     momentum: float = 0.9
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
     max_minutes: float | None = None   # wall-clock budget, evaluations included; stops mid-epoch if needed
     device: str = "auto"
     precision: str = "auto"            # auto | fp32 | bf16
-    workers: int = 2
+    workers: int | None = None         # None: 2 on a CPU, every core but two on a GPU
     seed: int = 0
     max_train_images: int | None = None  # for quick experiments
     exclude_products: str = ""         # comma-separated products held out (open-set evaluation)
@@ -85,14 +86,15 @@ def choose_precision(device: torch.device, requested: str, bf16_on_cpu: bool = T
 def evaluate_accuracy(model, loader, autocast) -> tuple[float, int]:
     """Top-1 accuracy of the Scrutinizer on a loader's photos, on the model's device."""
     model.eval()
-    correct = total = 0
+    right, total = [], 0
     with autocast():
         for x, y, _ in loader:
             if x is None:
                 continue
-            pred = model(to_device_of(model, x), num_parts=model.config.cat_num).concat_logits.argmax(1).cpu()
-            correct += int((pred == y).sum())
+            pred = model(as_model_input(model, x), num_parts=model.config.cat_num).concat_logits.argmax(1)
+            right.append((pred == y.to(pred.device)).sum())
             total += len(y)
+    correct = int(torch.stack(right).sum()) if right else 0  # one read-back for the whole evaluation
     return (correct / total if total else float("nan")), total
 
 
@@ -125,6 +127,7 @@ class PaperRun:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
         opencv_on_one_thread()  # inherited by the workers too
+        self.feeding = resolve_feeding(cfg, self.device, cfg.backbone, cfg.input_size, cpu_batch=8)
         self.autocast = autocast_for(self.device, self.precision)
         self.files = RunFiles(self.run_dir, enabled=self.main)
         snap_path = self.run_dir / "snapshot.json"
@@ -159,19 +162,25 @@ class PaperRun:
         self.net = distributed.wrap(self.model, self.device)
 
     def loaders(self):
+        """One training loader for the run (its workers live across epochs) and one for validation; on a GPU photos
+        travel as uint8 and are normalised there."""
         cfg, on_gpu = self.cfg, self.device.type == "cuda"
-        self.train_ds = PhotoDataset(self.train_items, cfg.input_size, train=True, seed=cfg.seed, mean=self.model.mean, std=self.model.std)
-        val_ds = PhotoDataset(self.val_items, cfg.input_size, train=False, mean=self.model.mean, std=self.model.std)
-        self.loader_kw = dict(batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.workers, pin_memory=on_gpu)
-        self.val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, **self.loader_kw)
+        photos = dict(mean=self.model.mean, std=self.model.std, as_uint8=on_gpu)
+        train_ds = PhotoDataset(self.train_items, cfg.input_size, train=True, seed=cfg.seed, **photos)
+        val_ds = PhotoDataset(self.val_items, cfg.input_size, train=False, **photos)
+        rank = distributed.info()[1]
+        self.sampler = EpochSampler(len(train_ds), cfg.seed, lambda order: distributed.shard(order, self.world, rank))
+        self.train_loader = run_loader(train_ds, self.sampler, cfg.batch_size, cfg.workers, self.device, collate)
+        self.val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, batch_size=cfg.batch_size, collate_fn=collate,
+                                                      num_workers=cfg.workers, pin_memory=on_gpu, persistent_workers=cfg.workers > 0)
 
-    def epoch_loader(self, epoch: int):
-        self.train_ds.epoch = epoch
-        torch.manual_seed(self.cfg.seed * 100_003 + epoch)  # dropout and anything else random: reproducible on resume
-        order = torch.randperm(len(self.train_ds), generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)).tolist()
-        order = distributed.shard(order, self.world, distributed.info()[1])
-        drop_last = len(order) > self.cfg.batch_size  # BatchNorm cannot train on a batch of one
-        return torch.utils.data.DataLoader(self.train_ds, sampler=order, drop_last=drop_last, **self.loader_kw)
+    def epoch_batches(self, epoch: int):
+        """The epoch's batches; seeded after the iterator starts (a new one draws from torch's generator, a persistent
+        one does not), so dropout is the same with any number of workers and on resume."""
+        self.sampler.epoch = epoch
+        batches = iter(self.train_loader)
+        torch.manual_seed(self.cfg.seed * 100_003 + epoch)
+        return batches
 
     def out_of_time(self, t_epoch: float) -> bool:
         """Wall clock, evaluations included: stop when the epoch so far and the last evaluation's length would reach
@@ -183,13 +192,13 @@ class PaperRun:
 def train_one_epoch(run: PaperRun, epoch: int, stop: dict) -> dict:
     """One epoch of SGD (the paper's fixed learning rate); returns its sums (losses, photos, right, skipped, steps)."""
     cfg, state, device = run.cfg, run.state, run.device
-    loader = run.epoch_loader(epoch)
+    batches, n_steps = run.epoch_batches(epoch), len(run.train_loader)
     run.net.train()
-    sums = {"total": 0.0, "L_I": 0.0, "L_S": 0.0, "L_C": 0.0}
-    tally = {"seen": 0, "correct": 0, "skipped": 0, "steps": 0, "t_epoch": time.perf_counter()}
-    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not run.main, leave=True)
+    tally = StepTally(device)
+    counts = {"skipped": 0, "steps": 0, "t_epoch": time.perf_counter()}
+    bar = tqdm(batches, total=n_steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not run.main, leave=True)
     for x, y, n_skipped in bar:
-        tally["skipped"] += n_skipped
+        counts["skipped"] += n_skipped
         if run.cancel:
             stop["reason"] = "cancelled"
         if stop["reason"]:
@@ -197,41 +206,40 @@ def train_one_epoch(run: PaperRun, epoch: int, stop: dict) -> dict:
         if x is None:
             continue
         t0 = time.perf_counter()
-        x, y = to_device_of(run.model, x), y.to(device, non_blocking=True)
+        x, y = as_model_input(run.model, x), y.to(device, non_blocking=True)
         with run.autocast():
             out = run.net(x)
         losses = nts_loss(out, y, run.model_cfg, label_smoothing=cfg.label_smoothing)
         run.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         run.optimizer.step()
+        tally.add(losses, out.concat_logits, y)  # nothing read back: the GPU runs on while the next batch comes
         state.train_seconds += time.perf_counter() - t0
-        tally["steps"] += 1
-        tally["seen"] += len(y)
-        tally["correct"] += int((out.concat_logits.argmax(1) == y).sum())
-        for k in sums:
-            sums[k] += float(losses[k].detach()) * len(y)
-        _report_step(run, bar, epoch, len(loader), sums, tally)
-        if run.out_of_time(tally["t_epoch"]):
+        counts["steps"] += 1
+        if counts["steps"] % 5 == 0 or counts["steps"] == n_steps:
+            _report_step(run, bar, epoch, n_steps, tally, counts)
+        if run.out_of_time(counts["t_epoch"]):
             stop["reason"] = "time budget"
             break
-    return {"sums": sums, **tally}
+    sums, correct = tally.read()
+    return {"sums": sums, "seen": tally.seen, "correct": correct, **counts}
 
 
-def _report_step(run: PaperRun, bar, epoch: int, n_steps: int, sums: dict, tally: dict):
-    seen, steps = tally["seen"], tally["steps"]
-    elapsed = time.perf_counter() - tally["t_epoch"]
+def _report_step(run: PaperRun, bar, epoch: int, n_steps: int, tally: StepTally, counts: dict):
+    sums, correct = tally.read()
+    seen, steps = tally.seen, counts["steps"]
+    elapsed = time.perf_counter() - counts["t_epoch"]
     rate = seen * run.world / max(elapsed, 1e-9)
     if not run.state.eval_seconds:  # a first guess: inference costs about a third of a training step
         run.state.eval_seconds = len(run.val_items) / max(rate, 1e-9) / 3
     bar.set_postfix(loss=f"{sums['total'] / seen:.3f}", L_I=f"{sums['L_I'] / seen:.2f}", L_S=f"{sums['L_S'] / seen:.2f}",
-                    L_C=f"{sums['L_C'] / seen:.2f}", acc=f"{tally['correct'] / seen:.2f}", img_s=f"{rate:.1f}")
-    if steps % 5 == 0 or steps == n_steps:
-        left = (n_steps - steps) * elapsed / steps + (run.cfg.epochs - epoch) * n_steps * elapsed / steps
-        spent = run.state.wall_seconds + elapsed
-        run.files.update(state="running", epoch=epoch, epochs=run.cfg.epochs, step=steps, steps=n_steps,
-                         loss={k: round(v / seen, 4) for k, v in sums.items()}, train_acc=round(tally["correct"] / seen, 4),
-                         images_per_s=round(rate, 2), eta_seconds=round(min(left, run.budget - spent), 1),
-                         best_val_acc=run.state.best_val if run.state.best_val >= 0 else None, device=str(run.device), precision=run.precision)
+                    L_C=f"{sums['L_C'] / seen:.2f}", acc=f"{correct / seen:.2f}", img_s=f"{rate:.1f}")
+    left = (n_steps - steps) * elapsed / steps + (run.cfg.epochs - epoch) * n_steps * elapsed / steps
+    spent = run.state.wall_seconds + elapsed
+    run.files.update(state="running", epoch=epoch, epochs=run.cfg.epochs, step=steps, steps=n_steps,
+                     loss={k: round(v / seen, 4) for k, v in sums.items()}, train_acc=round(correct / seen, 4),
+                     images_per_s=round(rate, 2), eta_seconds=round(min(left, run.budget - spent), 1),
+                     best_val_acc=run.state.best_val if run.state.best_val >= 0 else None, device=str(run.device), precision=run.precision)
 
 
 def end_epoch(run: PaperRun, epoch: int, tally: dict, stop: dict):
@@ -281,6 +289,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     run.log(f"device {run.device} ({run.world} process{'es' if run.world > 1 else ''}), precision {run.precision}"
             f"; {cfg.model} on {cfg.backbone}, {len(run.snap.class_names)} products, {len(run.train_items)} training / "
             f"{len(run.val_items)} validation photos")
+    if run.feeding:
+        run.log(run.feeding)
     if state.epoch:
         run.log(f"resuming after epoch {state.epoch} ({state.train_seconds / 60:.1f} min trained so far)")
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
