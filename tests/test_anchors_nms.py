@@ -146,3 +146,22 @@ def test_a_training_step_reads_nothing_back_from_its_device():
     out = net(torch.randn(4, 3, 96, 96, device="meta"))
     nts_loss(out, torch.zeros(4, dtype=torch.long, device="meta"), cfg)["total"].backward()
     assert out.part_index.shape == (4, 4) and out.part_boxes.device.type == "meta"
+
+
+def test_a_gpus_training_step_is_one_graph_for_torch_compile(monkeypatch):
+    """With the NMS over the whole batch and roi_align for the crops (what a GPU runs), the step from photos to the
+    loss traces as a single graph: torch.compile and CUDA graphs can take it whole."""
+    from torchvision.ops import roi_align
+
+    import ntsnet.model as model_module
+    from ntsnet import NTSConfig, NTSNet, nts_loss
+
+    cfg = NTSConfig(backbone="tiny", num_classes=3, input_size=96, part_size=48, proposal_num=4, cat_num=2)
+    net = NTSNet(cfg, pretrained=False).train()
+    table = torch.from_numpy(net.suppression_table(torch.device("cpu")))
+    net.suppression_table = lambda device: table  # the tensor table a GPU gets
+    monkeypatch.setattr(model_module, "crop_boxes", lambda x, rois, size: roi_align(
+        x, rois.to(x.dtype), output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True))
+    labels = torch.zeros(4, dtype=torch.long)
+    explained = torch._dynamo.explain(lambda x: nts_loss(net(x), labels, cfg)["total"])(torch.randn(4, 3, 96, 96))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
