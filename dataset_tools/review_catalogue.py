@@ -71,12 +71,13 @@ def _model_embeddings(cat: Catalogue, rows, checkpoint: str) -> np.ndarray:
     from ntsnet.device import resolve_device
     from training.features import pooled_features
 
+    from ntsnet.images import read_in_batches
+
     ckpt = load_checkpoint(checkpoint)
     backbone = build_model(ckpt).backbone.eval().to(resolve_device("auto"))
     out = []
-    for start in range(0, len(rows), 64):
-        chunk = [np.asarray(_rgb(cat.image_path(r))) for r in rows[start:start + 64]]
-        out.append(pooled_features(backbone, chunk, ckpt.config.input_size))
+    for chunk in read_in_batches([cat.image_path(r) for r in rows], 64, read=lambda path: np.asarray(_rgb(path))):
+        out.append(pooled_features(backbone, [arr for _, arr in chunk], ckpt.config.input_size))
     feats = torch.cat(out).numpy()
     return feats / (np.linalg.norm(feats, axis=1, keepdims=True) + 1e-12)
 

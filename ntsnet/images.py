@@ -64,16 +64,19 @@ def image_paths(paths) -> list[str]:
     return out
 
 
-def read_in_batches(paths: list[str], batch: int, threads: int = 4):
-    """Yields lists of (path, RGB array or ImageLoadError), ``batch`` photos at a time, in order. ``threads`` decode
-    the next batch while the caller works on this one (decoders release the GIL)."""
+def read_in_batches(paths: list, batch: int, threads: int = 4, read=None):
+    """Yields lists of (path, what ``read(path)`` gave), ``batch`` photos at a time, in order; ``threads`` decode the
+    next batch while the caller works on this one (decoders release the GIL). The default ``read`` gives an RGB
+    array, or the ImageLoadError for a photo that cannot be read."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def read(path):
+    def rgb_or_error(path):
         try:
             return to_rgb_array(path)
         except ImageLoadError as exc:
             return exc
+
+    read = read or rgb_or_error
 
     chunks = [paths[i:i + batch] for i in range(0, len(paths), batch)]
     with ThreadPoolExecutor(max(1, threads)) as pool:

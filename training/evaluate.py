@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from dataset_tools import Catalogue
+from ntsnet.images import read_in_batches
 
 from .data import DataError, load_rgb
 
@@ -149,11 +150,10 @@ def evaluate(checkpoint, db, split: str = "test", out_dir=None, conditions=CONDI
     clean_preds = None
     for cond in conditions:
         y_true, y_pred, top5, item_tags = [], [], [], []
-        for start in tqdm(range(0, len(items), batch_size), desc=f"evaluate {cond}", disable=not progress, unit="batch"):
-            batch = items[start:start + batch_size]
+        batches = read_in_batches(items, batch_size, read=lambda it: load_rgb(it["path"]))  # decoded ahead, by threads
+        for batch in tqdm(batches, total=-(-len(items) // batch_size), desc=f"evaluate {cond}", disable=not progress, unit="batch"):
             arrays, labels, tags_of = [], [], []
-            for it in batch:
-                im = load_rgb(it["path"])
+            for it, im in batch:
                 if im is None:
                     skipped += cond == conditions[0]
                     continue
