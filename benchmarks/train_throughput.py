@@ -6,9 +6,8 @@ uses on a CPU now), and bf16 autocast + channels_last where the CPU does bf16 in
 
     python benchmarks/train_throughput.py --photos 264 [--photo-dir ../shared/datasets/grocerystore/train]
 
-``--photos``: milliseconds to prepare one store-augmented training photo (decode, augment, tensor) on one core,
-with the augmentation at the photo's own pixels (as before 2026-11-29) and at the training size (now); both arms
-draw the dark-shelf noise in float32, which is also new.
+``--photos``: milliseconds for one core to prepare a training photo at 448 px (decode, augment, tensor): flip and store
+augmentation, as a CPU's float input and as a GPU's uint8 pixels.
 
 ``--fold``: as the progressive job trains (channels_last, BatchNorm on its running statistics, layers to stride 8
 frozen), with and without BatchNorm folded into the convs (ntsnet/fuse.py: TrainingFold), alternated twice. Where
@@ -93,28 +92,27 @@ def measure(model_kind, size, part, m, k, precision, steps, bs, backbone, fold=N
     return bs * len(times) / sum(times)
 
 
-def photo_preparation(folder: Path, n: int, size: int = 224):
-    import numpy as np
-
-    from training.data import load_rgb, store_augment, to_tensor
+def photo_preparation(folder: Path, n: int, size: int = 448):
+    """Milliseconds for one DataLoader worker to prepare a training photo: the paper's flip and the job's store
+    augmentation, each as the float model input (a CPU's workers) and as uint8 pixels (a GPU's, normalised there)."""
+    from training.data import PhotoDataset
     from common import cpu_line
 
     paths = sorted(folder.rglob("*.jpg"))
     if not paths:
         raise SystemExit(f"no .jpg photos under {folder}")
-    paths = paths[:: max(1, len(paths) // n)][:n]
+    items = [{"path": str(p), "label": 0} for p in paths[:: max(1, len(paths) // n)][:n]]
     torch.set_num_threads(1)  # a DataLoader worker's share
-    print(f"CPU: {cpu_line()}\n{len(paths)} photos from {folder}, {size} px, one core; best of 3 passes, ms per photo")
-    for rep in range(2):
-        for label, at_size in (("augmented at the photo's pixels", None), ("augmented at the training size", size)):
-            best = float("inf")
+    print(f"CPU: {cpu_line()}\n{len(items)} photos from {folder}, {size} px, one core; best of 3 passes, ms per photo")
+    for augment in ("flip", "store"):
+        for as_uint8 in (False, True):
+            ds, best = PhotoDataset(items, size, train=True, augment=augment, as_uint8=as_uint8), float("inf")
             for epoch in range(3):
                 t0 = time.perf_counter()
-                for i, p in enumerate(paths):
-                    im = store_augment(load_rgb(str(p)), np.random.default_rng([0, epoch, i]), size=at_size)
-                    to_tensor(im, size)
-                best = min(best, (time.perf_counter() - t0) / len(paths) * 1e3)
-            print(f"{label}: {best:.2f} ms", flush=True)
+                for i in range(len(ds)):
+                    ds[(epoch, i)]
+                best = min(best, (time.perf_counter() - t0) / len(ds) * 1e3)
+            print(f"{augment}, {'uint8 pixels' if as_uint8 else 'float input'}: {best:.2f} ms", flush=True)
 
 
 def compile_arm(kind, size, part, m, k, precision, args, photos) -> str:

@@ -24,6 +24,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def tune_for_fixed_shapes(device: torch.device):
+    """On a CUDA GPU let cuDNN time its kernels for each new input shape once and keep the fastest: training and
+    prediction feed a few fixed sizes again and again."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def device_of(module: torch.nn.Module) -> torch.device:
     """The device of a module's first parameter (a module without any: the CPU)."""
     param = next(module.parameters(), None)

@@ -18,7 +18,7 @@ import torch
 from . import compiled
 from .checkpoint import build_model, load_checkpoint
 from .fuse import inference_copy
-from .device import resolve_device
+from .device import resolve_device, tune_for_fixed_shapes
 from .images import to_input_tensor, to_rgb_array
 from .model import answer_probabilities
 from .runtime import isa_cap_allows_bf16, keep_freed_memory, single_torch_thread
@@ -111,8 +111,7 @@ class Predictor:
             raise ValueError("precision must be 'auto', 'fp32' or 'bf16'")
         self.precision = precision
         self.auto_precision = requested_precision == "auto"
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # one input size: cuDNN's fastest kernels are found once per batch size
+        tune_for_fixed_shapes(self.device)
         # 'auto' on a bf16 CPU: only the part pass in bf16, as the compiled engine does (see _Bf16Parts)
         self.eager_engine = None
         if self.device.type == "cpu":

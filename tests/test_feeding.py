@@ -107,3 +107,17 @@ def test_a_gpu_predicts_one_frame_in_fp32_and_batches_in_bf16():
     gpu = SimpleNamespace(auto_precision=True, device=torch.device("cuda"))
     assert not Predictor.bf16_for(gpu, 1) and Predictor.bf16_for(gpu, GPU_BF16_FROM_BATCH)
     assert Predictor.bf16_for(SimpleNamespace(auto_precision=False, device=torch.device("cuda")), 1)  # asked for: always
+
+
+def test_cudnn_times_its_kernels_on_a_gpu_only():
+    from ntsnet.device import tune_for_fixed_shapes
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        tune_for_fixed_shapes(torch.device("cpu"))
+        assert not torch.backends.cudnn.benchmark
+        tune_for_fixed_shapes(torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before

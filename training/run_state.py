@@ -16,7 +16,7 @@ import torch
 
 from ntsnet import NTSConfig, create_model, nts_loss, save_checkpoint
 from ntsnet.checkpoint import atomic_write
-from ntsnet.device import autocast_for, resolve_device
+from ntsnet.device import autocast_for, resolve_device, tune_for_fixed_shapes
 from ntsnet.runtime import keep_freed_memory, opencv_on_one_thread
 
 from . import active, distributed, gate
@@ -60,6 +60,7 @@ class ProgressiveRun:
         self.stop = CancelFlag(self.run_dir)
         if self.device.type == "cpu":
             keep_freed_memory()
+        tune_for_fixed_shapes(self.device)
         opencv_on_one_thread()  # before the first DataLoader forks its workers
         # "auto" on a CPU means fp32 even with AMX: this job's training ran slower in bf16 there (benchmarks/RESULTS.md)
         self.precision = choose_precision(self.device, cfg.precision, bf16_on_cpu=False)

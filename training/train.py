@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ntsnet import NTSConfig, create_model, nts_loss, save_checkpoint
 from ntsnet.checkpoint import atomic_write
-from ntsnet.device import autocast_for, resolve_device
+from ntsnet.device import autocast_for, resolve_device, tune_for_fixed_shapes
 from ntsnet.predictor import cpu_supports_fast_bf16
 from ntsnet.runtime import keep_freed_memory, opencv_on_one_thread
 
@@ -124,8 +124,7 @@ class PaperRun:
         self.precision = choose_precision(self.device, cfg.precision)
         if self.device.type == "cpu":
             keep_freed_memory()  # DataLoader workers fork after this and inherit it
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
+        tune_for_fixed_shapes(self.device)
         opencv_on_one_thread()  # inherited by the workers too
         self.feeding = resolve_feeding(cfg, self.device, cfg.backbone, cfg.input_size, cpu_batch=8)
         self.autocast = autocast_for(self.device, self.precision)
