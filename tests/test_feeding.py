@@ -45,15 +45,17 @@ def test_uint8_batches_normalised_on_the_device_equal_the_workers_float_ones(tmp
     torch.testing.assert_close(as_model_input(model, x_uint8), x_float, rtol=0, atol=1e-6)
 
 
-def test_workers_kept_across_epochs_load_the_batches_fresh_loaders_did(tmp_path, rng):
-    """The run's one loader (persistent workers, the epoch carried with each index) against what a new DataLoader per
-    epoch gave: the same photos, order and augmentation, epoch after epoch."""
+def compare_kept_and_fresh_workers(folder: str):
+    """Asserts that the run's loader, its workers kept across epochs, loads what a new DataLoader per epoch
+    loaded: the same photos, order and augmentation, epoch after epoch."""
+    from pathlib import Path
+
     from PIL import Image
 
-    items = []
+    rng, items = np.random.default_rng(0), []
     for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        items.append({"path": str(tmp_path / f"{i}.png"), "label": i % 3})
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(Path(folder) / f"{i}.png")
+        items.append({"path": str(Path(folder) / f"{i}.png"), "label": i % 3})
     ds = PhotoDataset(items, 32, train=True, seed=5, augment="store")
     sampler = EpochSampler(len(ds), seed=5)
     loader = run_loader(ds, sampler, 4, 2, torch.device("cpu"), collate)
@@ -67,6 +69,21 @@ def test_workers_kept_across_epochs_load_the_batches_fresh_loaders_did(tmp_path,
         assert len(kept) == len(fresh) == 3
         for (a, ya), (b, yb) in zip(kept, fresh):
             assert torch.equal(a, b) and torch.equal(ya, yb)
+
+
+def test_workers_kept_across_epochs_load_the_batches_fresh_loaders_did(tmp_path):
+    """In a fresh process: DataLoader workers forked from the test process after test_compiled.py's OpenVINO exports
+    crashed it at their shutdown now and then (SIGSEGV, kept or fresh workers alike; a job's process, which also runs
+    OpenVINO before its loaders, did not in 32 loaders)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    code = f"import sys; sys.path[:0] = [{str(tests)!r}, {str(tests.parent)!r}]; import test_feeding; " \
+           f"test_feeding.compare_kept_and_fresh_workers({str(tmp_path)!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_the_batch_grows_with_the_gpu_and_the_learning_rate_with_the_batch():

@@ -95,7 +95,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def run_loader(dataset, sampler: EpochSampler, batch_size: int, workers: int, device: torch.device, collate_fn):
-    """One DataLoader for a whole run: workers start once (persistent) and read one batch ahead of the step each."""
+    """One DataLoader for a whole run: its workers start once (persistent) and each reads batches ahead of the step
+    (four on a GPU)."""
     extra = dict(persistent_workers=True, prefetch_factor=4 if device.type == "cuda" else 2) if workers else {}
     return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size, collate_fn=collate_fn,
                                        num_workers=workers, drop_last=len(sampler) > batch_size,  # BatchNorm needs two

@@ -161,7 +161,7 @@ class PaperRun:
         self.net = distributed.wrap(self.model, self.device)
 
     def loaders(self):
-        """One training loader for the run (its workers live across epochs) and one for validation; on a GPU photos
+        """One training loader for the run and one for validation, their workers kept across epochs; on a GPU photos
         travel as uint8 and are normalised there."""
         cfg, on_gpu = self.cfg, self.device.type == "cuda"
         photos = dict(mean=self.model.mean, std=self.model.std, as_uint8=on_gpu)
