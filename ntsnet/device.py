@@ -31,6 +31,12 @@ def tune_for_fixed_shapes(device: torch.device):
         torch.backends.cudnn.benchmark = True
 
 
+def inference_batch(device: torch.device, cpu_batch: int = 16) -> int:
+    """Photos per forward pass when predicting many (an evaluation, a folder, features): four times more on a CUDA
+    GPU, where small batches leave it idle."""
+    return cpu_batch * 4 if device.type == "cuda" else cpu_batch
+
+
 def device_of(module: torch.nn.Module) -> torch.device:
     """The device of a module's first parameter (a module without any: the CPU)."""
     param = next(module.parameters(), None)

@@ -18,7 +18,7 @@ import torch
 from . import compiled
 from .checkpoint import build_model, load_checkpoint
 from .fuse import inference_copy
-from .device import resolve_device, tune_for_fixed_shapes
+from .device import inference_batch, resolve_device, tune_for_fixed_shapes
 from .images import to_input_tensor, to_rgb_array
 from .model import answer_probabilities
 from .runtime import isa_cap_allows_bf16, keep_freed_memory, single_torch_thread
@@ -214,7 +214,7 @@ class Predictor:
     def preferred_batch(self) -> int:
         """Photos per call for a folder, an evaluation or a review: a GPU is fed in large batches, a CPU frame by frame
         as fast (the compiled engine runs one frame at a time)."""
-        return 64 if self.device.type == "cuda" else 16
+        return inference_batch(self.device)
 
     def predict_batch(self, images, top_k: int = 5, memory: dict | None = None, refresh_every: int = 4) -> list[Prediction]:
         """``memory`` (live video, one image at a time): a dict kept by the caller between frames. When the

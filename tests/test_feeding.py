@@ -138,3 +138,11 @@ def test_cudnn_times_its_kernels_on_a_gpu_only():
         assert torch.backends.cudnn.benchmark
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_predicting_many_photos_takes_four_times_larger_batches_on_a_gpu():
+    from ntsnet.device import inference_batch
+
+    assert inference_batch(torch.device("cpu")) == 16 and inference_batch(torch.device("cuda")) == 64
+    assert inference_batch(torch.device("cuda"), 32) == 128
+    assert Predictor.preferred_batch.fget(SimpleNamespace(device=torch.device("cuda"))) == 64

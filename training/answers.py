@@ -10,7 +10,7 @@ import torch
 
 from ntsnet import NTSConfig, answer_probabilities, create_model
 from ntsnet.config import ANSWERS
-from ntsnet.device import device_of, to_device_of
+from ntsnet.device import device_of, inference_batch, to_device_of
 from ntsnet.images import to_input_tensor
 
 
@@ -19,19 +19,14 @@ def answers_of(model) -> tuple[str, ...]:
     return ANSWERS if model.config.model == "ntsnet" and model.config.cat_num else ("scrutinizer",)
 
 
-def eval_batch_size(model, batch: int = 16) -> int:
-    """Photos per forward pass: more on a GPU, where small batches leave it idle."""
-    return batch * 4 if device_of(model).type == "cuda" else batch
-
-
 @torch.inference_mode()
 def answer_predictions(model, arrays, batch: int = 16) -> dict[str, tuple[list[int], list[float]]]:
     """For every answer the model can give, from one forward pass per batch: each photo's predicted class and its
     probability."""
     model.eval()
     size, answers = model.config.input_size, answers_of(model)
-    batch = eval_batch_size(model, batch)
     device = device_of(model)
+    batch = inference_batch(device, batch)
     kept = {a: [] for a in answers}
     for start in range(0, len(arrays), batch):
         # resized on the model's device (a GPU gets uint8 photos); read back once, after the last batch

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ntsnet.device import device_of, to_device_of
+from ntsnet.device import device_of, inference_batch, to_device_of
 from ntsnet.images import to_input_tensor
 
 from .data import load_rgb
@@ -43,7 +43,7 @@ def embed_batches(backbone, batches, engine=None) -> torch.Tensor:
 def pooled_features(backbone, arrays, size: int, engine=None, batch: int = 32) -> torch.Tensor:
     """(N, C) pooled backbone features of RGB arrays resized to ``size`` (see embed_batches); larger batches on a GPU."""
     device = device_of(backbone) if engine is None else torch.device("cpu")
-    batch = batch * 4 if device.type == "cuda" else batch
+    batch = inference_batch(device, batch)
     chunks = (to_input_tensor(arrays[i:i + batch], size, backbone.mean, backbone.std, device=device) for i in range(0, len(arrays), batch))
     return embed_batches(backbone, chunks, engine)
 

@@ -215,7 +215,7 @@ def train_one_epoch(run: PaperRun, epoch: int, stop: dict) -> dict:
         tally.add(losses, out.concat_logits, y)  # nothing read back: the GPU runs on while the next batch comes
         state.train_seconds += time.perf_counter() - t0
         counts["steps"] += 1
-        if counts["steps"] % 5 == 0 or counts["steps"] == n_steps:
+        if counts["steps"] % 5 == 0 or counts["steps"] in (1, n_steps):  # the first step guesses the evaluation's length
             _report_step(run, bar, epoch, n_steps, tally, counts)
         if run.out_of_time(counts["t_epoch"]):
             stop["reason"] = "time budget"
