@@ -9,6 +9,9 @@
             optimiser (synchronised phases), and the GPU's busiest kernels (torch.profiler);
 - ceiling:  the training step with the batch already on the GPU: batch 64/128, bf16/fp32, channels_last, torch.compile
             (its compile time counted apart), and the paper loop's share of the best;
+- review:   issue #61's fixes: the same answers at batch 1 and 64, peak memory of resizing 24 phone photos, the Train
+            batch from free memory before and after an evaluation hands its cache back, bf16 hardware, TF32 restored
+            (needs the job's checkpoint or --checkpoint, and CUDA);
 - predict:  the Predictor at batch 1/8/32/64 in fp32 and bf16 and with its defaults, photos resized on the GPU or on
             the CPU, `training evaluate` and `python -m ntsnet predict` over a folder.
 
@@ -283,7 +286,51 @@ def prediction(checkpoint: str, db: Path, args) -> dict:
     return result
 
 
-PARTS = ("job", "paper", "loader", "profile", "ceiling", "predict")
+def gpu_review(checkpoint: str, db: Path, args) -> dict:
+    """What issue #61's fixes should show on a real GPU: one precision whatever the batch (the same answers at batch 1
+    and 64), resizing bounded by pixels (peak memory of 24 phone-sized photos), the batch a Train click chooses from
+    the free memory before and after the app's evaluation hands its cache back, bf16 hardware, TF32 restored."""
+    import numpy as np
+
+    from ntsnet import Predictor
+    from ntsnet.device import exact_fp32, free_memory_gib, gpu_has_bf16, release_cached_memory
+    from ntsnet.images import resize_on_device
+    from training.evaluate import evaluate
+    from training.feeding import batch_for
+
+    device = torch.device("cuda")
+    out = {"capability": ".".join(map(str, torch.cuda.get_device_capability(device))), "bf16_hardware": gpu_has_bf16(device)}
+    predictor = Predictor.from_checkpoint(checkpoint, device="cuda")
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 255, (480, 640, 3), dtype=np.uint8) for _ in range(64)]
+    alone = [predictor.predict(f) for f in frames[:16]]
+    together = predictor.predict_batch(frames)[:16]
+    out["precision"] = predictor.precision
+    out["batch1_vs_64_same_label"] = sum(a.label == b.label for a, b in zip(alone, together)) / 16
+    out["batch1_vs_64_max_confidence_gap"] = max(abs(a.confidence - b.confidence) for a, b in zip(alone, together))
+    phone = rng.integers(0, 255, (3000, 4000, 3), dtype=np.uint8)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    resize_on_device([phone] * 24, 448, device)
+    torch.cuda.synchronize()
+    out["resize_24_phone_photos_peak_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+    out["free_gib_before_evaluation"] = round(free_memory_gib(device), 2)
+    out["train_batch_before_evaluation"] = batch_for(device, args.backbone, 448, 16)
+    evaluate(checkpoint, db, split="val", out_dir=Path(checkpoint).parent / "evaluation-review", progress=False, predictor=predictor)
+    out["cached_gib_after_evaluation"] = round((torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / 2**30, 2)
+    release_cached_memory(device)
+    out["cached_gib_after_release"] = round((torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / 2**30, 2)
+    out["train_batch_after_evaluation"] = batch_for(device, args.backbone, 448, 16)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    with exact_fp32(), exact_fp32():
+        pass
+    out["tf32_restored"] = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    print("review", json.dumps(out), flush=True)
+    return out
+
+
+PARTS = ("review", "job", "paper", "loader", "profile", "ceiling", "predict")
 
 
 def main():
@@ -334,6 +381,8 @@ def main():
     checkpoint = args.checkpoint or (figures.get("job") or {}).get("best_checkpoint")
     if "predict" in parts and checkpoint:
         figures["predict"] = prediction(checkpoint, db, args)
+    if "review" in parts and checkpoint and torch.cuda.is_available():
+        figures["review"] = gpu_review(checkpoint, db, args)
     shown = {k: v for k, v in figures.items() if k != "job"}
     if "job" in figures:
         shown["job"] = {k: v for k, v in figures["job"].items() if k != "log"}

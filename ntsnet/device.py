@@ -6,15 +6,31 @@ may live on the CPU, a GPU (or the ``meta`` device in tests) and every caller fe
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import threading
 
 import torch
 
+log = logging.getLogger("ntsnet")
+
+
+def on_zero_gpu() -> bool:
+    """A Hugging Face Space on ZeroGPU hardware: its GPU is lent only inside functions decorated with spaces.GPU, and
+    touching CUDA anywhere else raises. This product keeps its models between requests and trains in a process of its
+    own, which that model does not fit, so on ZeroGPU it runs on the CPU and never touches CUDA (README: Spaces)."""
+    return "SPACES_ZERO_GPU" in os.environ
+
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto``: the first CUDA GPU, else Apple's MPS, else the CPU."""
+    """``auto``: the first CUDA GPU, else Apple's MPS, else the CPU; on a ZeroGPU Space always the CPU."""
     if isinstance(device, torch.device):
-        return device
+        device = str(device)
+    if on_zero_gpu():
+        if device not in ("auto", "cpu"):
+            raise ValueError(f"device {device!r} on a ZeroGPU Space: this app runs on its CPU there (CUDA may only be "
+                             "touched inside spaces.GPU functions); use CPU or dedicated GPU hardware for a GPU")
+        return torch.device("cpu")
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -25,8 +41,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def tune_for_fixed_shapes(device: torch.device):
-    """On a CUDA GPU let cuDNN time its kernels for each new input shape once and keep the fastest: training and
-    prediction feed a few fixed sizes again and again."""
+    """On a CUDA GPU let cuDNN time its kernels for each new input shape once and keep the fastest: for training,
+    which feeds a few fixed sizes again and again (the app's batches vary in size, and each new one would be timed)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -64,28 +80,52 @@ def autocast_for(device: torch.device, precision: str):
     return contextlib.nullcontext
 
 
-@contextlib.contextmanager
-def exact_fp32():
-    """TF32 off for the duration (cuDNN and cuBLAS run fp32 convolutions and matmuls in TF32 by default on Ampere and
-    later, which changes results in the third digit): for checks that compare two fp32 computations."""
-    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+class _ExactFp32:
+    """TF32 off while any thread is inside ``exact_fp32``: the first to enter saves the flags, the last to leave
+    restores them (two overlapping checks that each saved and restored on their own could leave TF32 off for good)."""
+
+    def __init__(self):
+        self.lock, self.depth, self.saved = threading.Lock(), 0, None
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with self.lock:
+            if self.depth == 0:
+                self.saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            self.depth += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.depth -= 1
+                if self.depth == 0:
+                    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
-def on_zero_gpu() -> bool:
-    """A Hugging Face Space on ZeroGPU hardware: a GPU is lent only inside functions decorated with spaces.GPU."""
-    return "SPACES_ZERO_GPU" in os.environ
+# TF32 off for the duration (cuDNN and cuBLAS run fp32 convolutions and matmuls in TF32 by default on Ampere and
+# later, which changes results in the third digit): for checks that compare two fp32 computations. Thread-safe.
+exact_fp32 = _ExactFp32()
 
 
-def gpu_task(fn):
-    """``fn`` decorated with ``spaces.GPU`` on a ZeroGPU Space (the GPU is attached while it runs), unchanged
-    everywhere else."""
-    if not on_zero_gpu():
-        return fn
-    import spaces
+def gpu_has_bf16(device: torch.device) -> bool:
+    """bf16 in hardware: CUDA compute capability 8.0 (Ampere) or later. ``torch.cuda.is_bf16_supported()`` also counts
+    emulation, and says yes on a T4 or V100, where cuDNN has no bf16 convolutions."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
-    return spaces.GPU(fn)
+
+def free_memory_gib(device: torch.device) -> float:
+    """GiB a new allocation on ``device`` can have now: what the card has free (other processes, the app's models
+    included, hold the rest) plus what this process's allocator keeps cached but unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return (free + cached) / 2**30
+
+
+def release_cached_memory(device: torch.device):
+    """Give the blocks PyTorch's allocator cached on a GPU back to the card (after an evaluation in the app, so a
+    Train click started next finds them free)."""
+    if device.type == "cuda" and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -93,33 +93,52 @@ PREPROCESSING = "resize-antialias+exposure-1"
 def to_input_tensor(images: list[np.ndarray], size: int, mean, std, device=None) -> torch.Tensor:
     """Resize each RGB array to size x size (the paper scales, it does not crop) and normalise: (B, 3, S, S).
     ``device`` (other than the CPU): the photos travel as uint8 and are resized there (``resize_on_device``)."""
+    return normalise_batch(resize_batch(images, size, device), mean, std)
+
+
+def resize_batch(images: list[np.ndarray], size: int, device=None) -> torch.Tensor:
+    """(B, 3, size, size) uint8: each RGB array resized with antialias, on the CPU or (``device``) on that device."""
     if device is not None and torch.device(device).type != "cpu":
-        return normalise_batch(resize_on_device(images, size, torch.device(device)), mean, std)
+        return resize_on_device(images, size, torch.device(device))
     batch = []
     for arr in images:
         # resized as uint8 (an HWC array is a channels_last tensor: PyTorch's vectorised PIL-style path), like the
         # training photos (PIL); converting the full frame to float first costs twice as much
         t = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
-        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        batch.append(t)
-    return normalise_batch(torch.cat(batch), mean, std)
+        batch.append(F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True))
+    return torch.cat(batch)
+
+
+# Pixels (height x width, all photos together) resized on a device in one go. Each pixel costs 18 bytes there (three
+# channels as uint8, their NCHW copy, float32 for the kernel): 16 M pixels hold one 12-megapixel phone photo (under
+# 300 MiB); a larger photo goes alone. Bounded by pixels, not photos: 128 full-resolution photos cost what one does.
+DEVICE_RESIZE_PIXELS = 16 * 2**20
+
+
+def pixel_chunks(indices: list[int], pixels_each: int, budget: int = DEVICE_RESIZE_PIXELS) -> list[list[int]]:
+    """``indices`` (photos of one shape) in runs of at most ``budget`` pixels together; at least one photo a run."""
+    per = max(1, budget // max(1, pixels_each))
+    return [indices[i:i + per] for i in range(0, len(indices), per)]
 
 
 def resize_on_device(images: list[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
     """(B, 3, size, size) uint8 on ``device``: the photos copied as uint8 (a quarter of float's bytes, pinned, without
-    blocking), photos of one shape resized together in float and rounded back to uint8, as the CPU's uint8 path
-    rounds (the two agree to one grey level)."""
+    blocking), photos of one shape resized together in float, at most DEVICE_RESIZE_PIXELS at a time, and rounded
+    back to uint8, as the CPU's uint8 path rounds (the two agree to one grey level)."""
     out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=device)
     by_shape: dict[tuple, list[int]] = {}
     for i, arr in enumerate(images):
         by_shape.setdefault(arr.shape, []).append(i)
-    for idx in by_shape.values():
-        host = torch.from_numpy(np.stack([images[i] for i in idx]))
-        if device.type == "cuda":
-            host = host.pin_memory()
-        x = host.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        out[torch.as_tensor(idx, device=device)] = x.round_().clamp_(0, 255).to(torch.uint8)
+    for shape, same in by_shape.items():
+        for idx in pixel_chunks(same, shape[0] * shape[1]):
+            host = torch.from_numpy(np.stack([images[i] for i in idx]))
+            if device.type == "cuda":
+                host = host.pin_memory()
+            # NCHW-contiguous while still uint8: the antialias kernel would copy a channels-last float batch again
+            x = host.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float()
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            out[torch.as_tensor(idx, device=device)] = x.round_().clamp_(0, 255).to(torch.uint8)
+            del x
     return out
 
 

@@ -18,16 +18,12 @@ import torch
 from . import compiled
 from .checkpoint import build_model, load_checkpoint
 from .fuse import inference_copy
-from .device import inference_batch, resolve_device, tune_for_fixed_shapes
+from .device import gpu_has_bf16, inference_batch, resolve_device
 from .images import to_input_tensor, to_rgb_array
 from .model import answer_probabilities
 from .runtime import isa_cap_allows_bf16, keep_freed_memory, single_torch_thread
 
 log = logging.getLogger("ntsnet")
-
-# 'auto' precision on a GPU: fp32 below this many photos per call, bf16 from it (benchmarks/gpu_check.py measures both)
-GPU_BF16_FROM_BATCH = 8
-
 
 @dataclass
 class Box:
@@ -80,6 +76,22 @@ def cpu_supports_fast_bf16(cpuinfo: str | None = None, training: bool = False) -
         return False
 
 
+def inference_precision(device: torch.device, requested: str = "auto") -> tuple[str, bool]:
+    """(precision, parts only) a Predictor answers with on ``device``: one rule for every batch size, so a live frame,
+    an evaluation and the unknown threshold's calibration see the same scores. 'auto': on a CPU with bf16 hardware
+    the part pass in bf16 and the whole-image pass, whose near-tied anchor scores the Navigator ranks, in fp32; fp32
+    everywhere else, a GPU included (as the Train job evaluates and calibrates there). 'bf16' asked for: the whole
+    model in bf16, except on a GPU without bf16 hardware, where it would be emulated (fp32 then, with a warning)."""
+    if requested not in ("auto", "fp32", "bf16"):
+        raise ValueError("precision must be 'auto', 'fp32' or 'bf16'")
+    if requested == "auto":
+        return ("bf16", True) if device.type == "cpu" and cpu_supports_fast_bf16() else ("fp32", False)
+    if requested == "bf16" and device.type == "cuda" and not gpu_has_bf16(device):
+        log.warning("ntsnet: this GPU has no bf16 hardware (compute capability below 8.0): answering in fp32")
+        return "fp32", False
+    return requested, False
+
+
 class _Bf16Parts:
     """Eager twin of ``compiled.graph_precisions('auto')`` on a CPU with bf16 hardware: the whole-image pass, whose
     anchor scores the Navigator ranks, in fp32 (bf16 reordered its near ties: other boxes on 20% of the grocery
@@ -104,15 +116,7 @@ class Predictor:
     def __init__(self, model, class_names, device="auto", precision: str = "auto", fold_batchnorm: bool = True,
                  backend: str = "auto", checkpoint_path=None, weights_key: str | None = None, background: bool = True):
         self.device = resolve_device(device)
-        requested_precision = precision
-        if precision == "auto":
-            precision = "bf16" if (self.device.type == "cuda" or (self.device.type == "cpu" and cpu_supports_fast_bf16())) else "fp32"
-        if precision not in ("fp32", "bf16"):
-            raise ValueError("precision must be 'auto', 'fp32' or 'bf16'")
-        self.precision = precision
-        self.auto_precision = requested_precision == "auto"
-        tune_for_fixed_shapes(self.device)
-        # 'auto' on a bf16 CPU: only the part pass in bf16, as the compiled engine does (see _Bf16Parts)
+        self.precision, parts_only = inference_precision(self.device, precision)
         self.eager_engine = None
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -123,7 +127,7 @@ class Predictor:
             # oneDNN's convolutions are faster in NHWC, in fp32 too (1.2x for Lite0 on AVX2; benchmarks/inference_backends.py)
             self.net = self.net.to(memory_format=torch.channels_last)
         self.config = model.config
-        if requested_precision == "auto" and precision == "bf16" and self.device.type == "cpu" and hasattr(self.net, "part_features"):
+        if parts_only and hasattr(self.net, "part_features"):
             self.eager_engine = _Bf16Parts(self.net)
         self.class_names = list(class_names)
         self.extra: dict = {}
@@ -136,7 +140,7 @@ class Predictor:
         self._build_thread: threading.Thread | None = None
         if self.backend == "openvino":
             key = weights_key or compiled.state_key(self.model, "fold" if fold_batchnorm else "")
-            self._start_engine(checkpoint_path, key, requested_precision, background)
+            self._start_engine(checkpoint_path, key, precision, background)
 
     def _start_engine(self, checkpoint_path, key, precision, background):
         def build():
@@ -200,15 +204,10 @@ class Predictor:
         # the export goes to the user cache, not into the Hub's snapshot folder
         return cls.from_checkpoint(path, device=device, precision=precision, backend=backend, export_beside=False)
 
-    def _autocast(self, batch: int = 1):
-        if self.precision == "bf16" and self.eager_engine is None and self.bf16_for(batch):
+    def _autocast(self):
+        if self.precision == "bf16" and self.eager_engine is None:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-    def bf16_for(self, batch: int) -> bool:
-        """Whether a batch of this size runs in bf16: always when asked for; with 'auto' on a GPU only from
-        GPU_BF16_FROM_BATCH photos (a single frame is latency-bound, and bf16's casts made it slower there)."""
-        return not (self.auto_precision and self.device.type == "cuda" and batch < GPU_BF16_FROM_BATCH)
 
     @property
     def preferred_batch(self) -> int:
@@ -244,7 +243,7 @@ class Predictor:
         else:
             if self.device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with self._autocast(len(arrays)):
+            with self._autocast():
                 out = self.net(x, num_parts=self.config.cat_num, engine=self.eager_engine, reuse=reuse)
         if memory is not None and out.part_features is not None:
             reused = reuse is not None and out.part_features is reuse[1]

@@ -8,7 +8,7 @@ import torch
 
 from ntsnet.backbones import IMAGENET_MEAN, IMAGENET_STD
 from ntsnet.images import normalise_batch, resize_on_device, to_input_tensor
-from ntsnet.predictor import GPU_BF16_FROM_BATCH, Predictor
+from ntsnet.predictor import Predictor
 from training import feeding
 from training.data import PhotoDataset, collate
 from training.feeding import EpochSampler, StepTally, as_model_input, gpu_batch, resolve_feeding, run_loader, scaled_lr
@@ -86,26 +86,77 @@ def test_workers_kept_across_epochs_load_the_batches_fresh_loaders_did(tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_the_batch_grows_with_the_gpu_and_the_learning_rate_with_the_batch():
-    assert gpu_batch("efficientnet_lite0", 448, 141) == 64          # an H200: the cap
-    assert gpu_batch("efficientnet_lite0", 448, 16) == 16           # a 16 GB card
-    assert gpu_batch("efficientnet_lite0", 224, 16) == 64           # a quarter of the pixels
-    assert gpu_batch("resnet50", 448, 24) == 8 and gpu_batch("resnet50", 448, 4) == 8  # never below 8
+def test_the_batch_grows_with_the_free_memory_and_the_learning_rate_with_the_batch():
+    assert gpu_batch("efficientnet_lite0", 448, 140) == 64          # an idle H200: the cap
+    assert gpu_batch("efficientnet_lite0", 448, 15.5) == 16         # an idle 16 GB card
+    assert gpu_batch("efficientnet_lite0", 224, 15.5) == 64         # a quarter of the pixels
+    assert gpu_batch("resnet50", 448, 24) == 8                      # at least 8 where 8 fit
+    assert gpu_batch("resnet50", 448, 4) == 2 and gpu_batch("resnet50", 448, 0.1) == 2  # fewer on a full card, never 1
     assert scaled_lr(0.001, 64, 8) == pytest.approx(0.008)
+
+
+def fake_gpu(monkeypatch, free_gib, total_gib, cached_gib=0.0, cores=16):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), int(total_gib * 2**30)))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: int(cached_gib * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=int(total_gib * 2**30)))
+    monkeypatch.setattr(feeding, "usable_cores", lambda: cores)
 
 
 def test_resolving_the_feeding_leaves_a_cpu_as_it_was_and_scales_a_gpu(monkeypatch):
     cpu = SimpleNamespace(batch_size=None, lr=0.005, workers=None)
     assert resolve_feeding(cpu, torch.device("cpu"), "efficientnet_lite0", 224, cpu_batch=16) == ""
     assert (cpu.batch_size, cpu.lr, cpu.workers) == (16, 0.005, 2)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=141 * 2**30))
-    monkeypatch.setattr(feeding, "usable_cores", lambda: 16)
+    fake_gpu(monkeypatch, free_gib=140, total_gib=141)
     gpu = SimpleNamespace(batch_size=None, lr=0.005, workers=None)
     line = resolve_feeding(gpu, torch.device("cuda"), "efficientnet_lite0", 448, cpu_batch=16)
     assert (gpu.batch_size, gpu.workers) == (64, 14) and gpu.lr == pytest.approx(0.02) and "64/16" in line
     given = SimpleNamespace(batch_size=24, lr=0.005, workers=3)  # what a user asked for is kept, lr too
     resolve_feeding(given, torch.device("cuda"), "efficientnet_lite0", 448, cpu_batch=16)
     assert (given.batch_size, given.lr, given.workers) == (24, 0.005, 3)
+
+
+def test_a_train_click_after_an_evaluation_on_a_16_gb_card_fits_in_what_is_free(monkeypatch):
+    """The batch was sized from the card's total memory while the app's models and the evaluation's cache held part
+    of it: 16 photos (6 GiB) on a card with 5 GiB free. Now the free memory decides, and the app hands its cache back
+    after an evaluation (webapp/live.py)."""
+    fake_gpu(monkeypatch, free_gib=5.0, total_gib=16.0)
+    cfg = SimpleNamespace(batch_size=None, lr=0.005, workers=None)
+    resolve_feeding(cfg, torch.device("cuda"), "efficientnet_lite0", 448, cpu_batch=16)
+    assert cfg.batch_size == 8 and cfg.batch_size * feeding.GIB_PER_PHOTO_448["efficientnet_lite0"] <= 5.0
+    fake_gpu(monkeypatch, free_gib=5.0, total_gib=16.0, cached_gib=6.0)  # this process's own cache is usable too
+    assert feeding.batch_for(torch.device("cuda"), "efficientnet_lite0", 448, 16) == 16
+
+
+def test_several_gpus_scale_the_rate_with_the_global_batch_and_share_the_cores(monkeypatch):
+    """DDP averages gradients over every process's photos: the linear scaling rule wants the global batch. Each of
+    the processes on a machine took every core but two for its workers."""
+    fake_gpu(monkeypatch, free_gib=140, total_gib=141, cores=32)
+    cfg = SimpleNamespace(batch_size=None, lr=0.005, workers=None)
+    line = resolve_feeding(cfg, torch.device("cuda"), "efficientnet_lite0", 448, cpu_batch=16, world=8, local_world=4)
+    assert cfg.batch_size == 64 and cfg.lr == pytest.approx(0.005 * 64 * 8 / 16) and "64 x 8 processes" in line
+    assert cfg.workers == 32 // 4 - 2
+    cpu = SimpleNamespace(batch_size=None, lr=0.005, workers=None)  # a CPU keeps the recipe's batch and rate
+    resolve_feeding(cpu, torch.device("cpu"), "efficientnet_lite0", 224, cpu_batch=16, world=2, local_world=2)
+    assert (cpu.batch_size, cpu.lr, cpu.workers) == (16, 0.005, 2)
+
+
+def test_stage_1_views_travel_as_uint8_and_embed_as_the_float_ones_did():
+    """Stage 1 sent float32 batches of 128 through the workers' shared memory (about 300 MB each at 448 px)."""
+    from ntsnet import create_backbone
+    from ntsnet.images import to_input_tensor
+    from training.features import embed_batches
+    from training.stages.linear import AugmentedViews
+
+    arrays = [np.random.default_rng(i).integers(0, 256, (70, 90, 3), dtype=np.uint8) for i in range(6)]
+    arrays[0] //= 8  # a dark photo: the exposure gain is applied where the batch is normalised
+    views = AugmentedViews(arrays, 64, seed=0, view=1)
+    batch = torch.stack([views[i] for i in range(len(arrays))])
+    assert batch.dtype == torch.uint8 and batch.shape == (6, 3, 64, 64)
+    torch.manual_seed(0)
+    backbone = create_backbone("tiny", pretrained=False).eval()
+    as_float = to_input_tensor([v.permute(1, 2, 0).numpy() for v in batch], 64, backbone.mean, backbone.std)
+    assert torch.allclose(embed_batches(backbone, [batch[:4], batch[4:]]), embed_batches(backbone, [as_float]), atol=1e-5)
 
 
 def test_the_step_tally_adds_up_as_python_floats_did(rng):
@@ -118,12 +169,6 @@ def test_the_step_tally_adds_up_as_python_floats_did(rng):
             sums[k] += float(losses[k]) * 6
         right += int((logits.argmax(1) == y).sum())
     assert tally.read() == (sums, right) and tally.seen == 30
-
-
-def test_a_gpu_predicts_one_frame_in_fp32_and_batches_in_bf16():
-    gpu = SimpleNamespace(auto_precision=True, device=torch.device("cuda"))
-    assert not Predictor.bf16_for(gpu, 1) and Predictor.bf16_for(gpu, GPU_BF16_FROM_BATCH)
-    assert Predictor.bf16_for(SimpleNamespace(auto_precision=False, device=torch.device("cuda")), 1)  # asked for: always
 
 
 def test_cudnn_times_its_kernels_on_a_gpu_only():

@@ -187,17 +187,194 @@ def test_the_paper_recipes_budget_is_wall_clock_with_its_evaluations(tmp_path, m
     assert summary["wall_minutes"] * 60 <= 3.5 * 1.1 + 0.5 and wall < 15
 
 
-def test_a_zerogpu_space_runs_the_gpu_work_inside_spaces_gpu(monkeypatch):
-    from ntsnet.device import gpu_task
+class CudaForbidden(RuntimeError):
+    pass
 
-    def plain(x):
-        return x + 1
 
-    assert gpu_task(plain) is plain  # anywhere else: a no-op
-    calls = []
+def forbid_cuda(monkeypatch):
+    """What a ZeroGPU Space's main process does: ``spaces`` makes torch report a GPU, and initialising CUDA (a model
+    moved there, a tensor pinned) raises outside a spaces.GPU function."""
+    def refuse(*a, **k):
+        raise CudaForbidden("CUDA must not be initialized in the main process on Spaces with Stateless GPU environment")
+
     fake = types.ModuleType("spaces")
-    fake.GPU = lambda fn: calls.append(fn) or (lambda *a, **k: ("on the GPU", fn(*a, **k)))
+    fake.GPU = lambda fn=None, **kw: fn if fn is not None else (lambda f: f)
     monkeypatch.setitem(sys.modules, "spaces", fake)
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
-    wrapped = gpu_task(plain)
-    assert calls == [plain] and wrapped(1) == ("on the GPU", 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", refuse)
+    monkeypatch.setattr(torch.cuda, "init", refuse)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", refuse)
+
+
+def test_a_zerogpu_space_runs_the_app_on_its_cpu_and_never_touches_cuda(monkeypatch, tmp_path, tiny_checkpoint):
+    """A ZeroGPU Space lends its GPU only inside spaces.GPU functions, pickles their arguments (the instant model
+    cannot be pickled) and raises when CUDA is touched anywhere else: capture, the instant model, live and single
+    recognition, the evaluation and the Train job's device all stay on the CPU there."""
+    from synthetic import draw_product, stable_seed
+
+    from ntsnet.device import resolve_device
+    from webapp import Studio
+
+    forbid_cuda(monkeypatch)
+    with pytest.raises(CudaForbidden):
+        torch.zeros(1).pin_memory()  # the double bites
+    assert resolve_device("auto").type == "cpu" and resolve_device(torch.device("cpu")).type == "cpu"
+    with pytest.raises(ValueError, match="ZeroGPU"):
+        resolve_device("cuda")
+    studio = Studio(tmp_path / "cat")
+    for name in ("red-box", "blue-can"):
+        studio.create_product(name)
+        for i in range(3):
+            studio.save_photo(draw_product(np.random.default_rng(stable_seed(name, i)), name, size=120), name)
+    assert studio.instant.embedder.device.type == "cpu"
+    assert studio.recognise(draw_product(np.random.default_rng(7), "red-box", size=120), wait=True).model.startswith("instant")
+    studio.set_active_model(str(tiny_checkpoint))
+    frame = draw_product(np.random.default_rng(8), "red-box", size=120)
+    assert studio.recognise(frame, wait=True).label == "red-box" and studio.predictor().device.type == "cpu"
+    deadline = time.time() + 60
+    while (live := studio.recognise(frame, session="s")) is None or not live.fresh:  # the live worker thread too
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert studio.evaluate("train")["accuracy"] >= 0
+
+
+def peak_device_bytes(fn):
+    """Peak bytes of the tensors ``fn`` holds at once, counted per storage as each op returns (views share theirs);
+    on the ``meta`` device nothing is allocated, so photos of any size and number can be measured."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Peak(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live, self.refs, self.peak = {}, {}, 0
+
+        def _release(self, key):
+            self.refs[key] -= 1
+            if not self.refs[key]:
+                del self.refs[key], self.live[key]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    storage = t.untyped_storage()
+                    key = storage._cdata
+                    self.live.setdefault(key, storage.nbytes())
+                    self.refs[key] = self.refs.get(key, 0) + 1
+                    weakref.finalize(t, self._release, key)
+            self.peak = max(self.peak, sum(self.live.values()))
+            return out
+
+    with Peak() as mode:
+        fn()
+    return mode.peak
+
+
+def test_resizing_on_a_device_is_bounded_by_pixels_not_by_photos():
+    """A phone's 12-megapixel photos share one shape: stacked whole as float32, 128 of them (stage 1's batch) took
+    about 39 GiB of a GPU. Now photos go in runs of at most DEVICE_RESIZE_PIXELS."""
+    from ntsnet.images import DEVICE_RESIZE_PIXELS, resize_on_device
+
+    phone = np.zeros((3000, 4000, 3), np.uint8)  # the same array again: the host holds one photo
+    meta = torch.device("meta")
+    one = peak_device_bytes(lambda: resize_on_device([phone], 448, meta))
+    many = peak_device_bytes(lambda: resize_on_device([phone] * 24, 448, meta))
+    assert one <= 18 * 3000 * 4000 * 1.05  # uint8, its NCHW copy and float32, three channels
+    assert many <= one + 24 * 3 * 448 * 448  # one more photo's result each, nothing else
+    small = np.zeros((480, 640, 3), np.uint8)  # webcam frames still go together, up to the budget
+    frames = peak_device_bytes(lambda: resize_on_device([small] * 64, 224, meta))
+    assert 18 * 480 * 640 * 20 < frames <= 18 * DEVICE_RESIZE_PIXELS * 1.05
+
+
+def test_the_resize_in_runs_matches_the_cpus_to_one_grey_level(monkeypatch):
+    from ntsnet import images
+
+    photos_ = [np.random.default_rng(i).integers(0, 256, (60, 80, 3), dtype=np.uint8) for i in range(5)]
+    monkeypatch.setattr(images, "DEVICE_RESIZE_PIXELS", 2 * 60 * 80)  # runs of two photos
+    assert images.pixel_chunks([0, 1, 2, 3, 4], 60 * 80, images.DEVICE_RESIZE_PIXELS) == [[0, 1], [2, 3], [4]]
+    on_device = images.resize_on_device(photos_, 32, torch.device("cpu")).int()
+    on_cpu = images.resize_batch(photos_, 32).int()
+    assert (on_device - on_cpu).abs().max() <= 1
+
+
+def test_tf32_comes_back_after_overlapping_exact_checks_in_two_threads():
+    """Two requests' checks overlapped: A saved TF32 on and turned it off, B saved 'off', A restored 'on', B restored
+    'off' for good. Now the last to leave restores what the first found."""
+    import threading
+
+    from ntsnet.device import exact_fp32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def a():
+        with exact_fp32():
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def b():
+        a_in.wait(5)
+        with exact_fp32():
+            b_in.set()
+            a_out.wait(5)
+            assert not torch.backends.cudnn.allow_tf32  # A left, B still checks: still off
+
+    try:
+        threads = [threading.Thread(target=a), threading.Thread(target=b)]
+        [t.start() for t in threads]
+        [t.join(10) for t in threads]
+        assert a_out.is_set() and torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_the_app_never_asks_cudnn_to_time_kernels(monkeypatch, tiny_checkpoint):
+    """cuDNN's benchmark mode re-times kernels for every new batch size: the app's batches vary, the job's do not."""
+    from ntsnet import predictor as predictor_module
+
+    asked = []
+    monkeypatch.setattr(predictor_module, "tune_for_fixed_shapes", asked.append, raising=False)
+    Predictor.from_checkpoint(tiny_checkpoint, device="cpu", backend="torch")
+    assert asked == []
+
+
+def test_bf16_only_on_gpus_with_bf16_hardware(monkeypatch):
+    """torch.cuda.is_bf16_supported() says yes on a T4 or V100 (emulation), where cuDNN has no bf16 convolutions."""
+    from ntsnet.device import gpu_has_bf16
+    from ntsnet.predictor import inference_precision
+    from training.train import choose_precision
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    for capability, bf16 in (((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert gpu_has_bf16(cuda) is bf16
+        assert choose_precision(cuda, "auto") == ("bf16" if bf16 else "fp32")
+        assert inference_precision(cuda, "bf16") == ("bf16" if bf16 else "fp32", False)
+    assert not gpu_has_bf16(torch.device("cpu"))
+
+
+def test_a_predictor_answers_with_one_precision_whatever_the_batch(monkeypatch):
+    """On CUDA a single frame ran in fp32 and batches from 8 in bf16: live answers, the app's evaluation and the
+    threshold's calibration saw different scores. Now the rule has no batch size in it: fp32 on a GPU (as the job
+    evaluates and calibrates), the CPU's rule unchanged."""
+    import inspect
+
+    from ntsnet import predictor as predictor_module
+    from ntsnet.predictor import inference_precision
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert inference_precision(torch.device("cuda"), "auto") == ("fp32", False)
+    monkeypatch.setattr(predictor_module, "cpu_supports_fast_bf16", lambda: True)
+    assert inference_precision(torch.device("cpu"), "auto") == ("bf16", True)  # the Navigator's pass stays fp32
+    monkeypatch.setattr(predictor_module, "cpu_supports_fast_bf16", lambda: False)
+    assert inference_precision(torch.device("cpu"), "auto") == ("fp32", False)
+    assert list(inspect.signature(Predictor._autocast).parameters) == ["self"]
+    with pytest.raises(ValueError):
+        inference_precision(torch.device("cpu"), "fp16")

@@ -18,6 +18,11 @@ def info() -> tuple[int, int, int]:
     return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_world() -> int:
+    """How many processes torchrun started on this machine (they share its cores); 1 for a plain process."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def start(device: torch.device, timeout_minutes: float = 60.0) -> torch.device:
     """Join the process group (NCCL between GPUs, gloo on CPUs) and return this process's device.
     ``timeout_minutes``: how long a process may wait for process 0 (which alone evaluates between stages)."""

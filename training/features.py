@@ -7,10 +7,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ntsnet.device import device_of, inference_batch, to_device_of
-from ntsnet.images import to_input_tensor
+from ntsnet.device import device_of, inference_batch
+from ntsnet.images import normalise_batch, to_input_tensor
 
 from .data import load_rgb
+from .feeding import as_model_input
 
 
 def load_arrays(items, paths: list | None = None) -> tuple[list[np.ndarray], list[int]]:
@@ -29,14 +30,14 @@ def load_arrays(items, paths: list | None = None) -> tuple[list[np.ndarray], lis
 
 @torch.inference_mode()
 def embed_batches(backbone, batches, engine=None) -> torch.Tensor:
-    """(N, C) pooled backbone features (on the CPU) of model-input batches, computed on the backbone's device;
-    ``engine``: compiled CPU graphs, if any."""
+    """(N, C) pooled backbone features (on the CPU) of model-input batches (or uint8 ones, normalised where the
+    backbone runs), computed on the backbone's device; ``engine``: compiled CPU graphs, if any."""
     out = []
     for x in batches:
         if engine is not None:
-            out.append(engine.run("pooled", x)[0])
+            out.append(engine.run("pooled", normalise_batch(x, backbone.mean, backbone.std) if x.dtype == torch.uint8 else x)[0])
         else:
-            out.append(backbone(to_device_of(backbone, x)).float().mean((2, 3)))
+            out.append(backbone(as_model_input(backbone, x)).float().mean((2, 3)))
     return torch.cat(out).cpu() if out else torch.zeros(0, backbone.out_channels)  # one read-back, at the end
 
 

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ntsnet.device import to_device_of
+from ntsnet.device import free_memory_gib, to_device_of
 from ntsnet.images import normalise_batch
 
 MAX_GPU_BATCH = 64
@@ -20,7 +20,10 @@ MAX_GPU_BATCH = 64
 # batch 64, ../shared/notes/gpu-machine.md); other backbones are taken at ResNet-50's size, which is larger
 GIB_PER_PHOTO_448 = {"efficientnet_lite0": 0.375, "tiny": 0.05}
 GIB_PER_PHOTO_OTHER = 1.0
-MEMORY_SHARE = 0.5  # of the GPU's memory, for the batch: the rest for cuDNN's workspaces, evaluation and other work
+# of the memory free when the job starts, for the batch: the rest for cuDNN's workspaces, the job's evaluations and
+# the allocator's fragmentation. Free, not total: the app's models and caches share the card with the job.
+MEMORY_SHARE = 0.6
+MIN_GPU_BATCH = 2  # BatchNorm needs two photos; below 8 only when a busy card leaves no room for more
 
 
 def usable_cores() -> int:
@@ -30,22 +33,23 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def gpu_batch(backbone: str, input_size: int, memory_gib: float, cap: int = MAX_GPU_BATCH) -> int:
-    """The largest power of two up to ``cap`` whose training memory fits in MEMORY_SHARE of ``memory_gib``; at least 8."""
+def gpu_batch(backbone: str, input_size: int, free_gib: float, cap: int = MAX_GPU_BATCH) -> int:
+    """The largest power of two up to ``cap`` whose training memory fits in MEMORY_SHARE of ``free_gib``: at least 8
+    when 8 fit, never below MIN_GPU_BATCH."""
     per_photo = GIB_PER_PHOTO_448.get(backbone, GIB_PER_PHOTO_OTHER) * (input_size / 448) ** 2
-    fits = MEMORY_SHARE * memory_gib / per_photo
-    batch = 8
+    fits = MEMORY_SHARE * free_gib / per_photo
+    batch = 8 if fits >= 8 else MIN_GPU_BATCH
     while batch * 2 <= min(cap, fits):
         batch *= 2
     return batch
 
 
 def batch_for(device: torch.device, backbone: str, input_size: int, cpu_batch: int) -> int:
-    """The batch size a recipe gets when none is given: its own on a CPU, ``gpu_batch`` on a CUDA GPU."""
+    """The batch size a recipe gets when none is given: its own on a CPU, ``gpu_batch`` of the GPU's free memory on
+    a CUDA GPU."""
     if device.type != "cuda":
         return cpu_batch
-    memory = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return gpu_batch(backbone, input_size, memory)
+    return gpu_batch(backbone, input_size, free_memory_gib(device))
 
 
 def scaled_lr(lr: float, batch: int, base_batch: int) -> float:
@@ -53,27 +57,35 @@ def scaled_lr(lr: float, batch: int, base_batch: int) -> float:
     return lr * batch / base_batch
 
 
-def workers_for(device: torch.device, requested: int | None, cpu_workers: int = 2) -> int:
-    """DataLoader workers: as asked; otherwise ``cpu_workers`` on a CPU (its cores also train) and every core but two
-    (the training loop and the pin-memory thread) on a GPU, at most 16."""
+def workers_for(device: torch.device, requested: int | None, cpu_workers: int = 2, processes_here: int = 1) -> int:
+    """DataLoader workers of one process: as asked; otherwise ``cpu_workers`` on a CPU (its cores also train) and on
+    a GPU every core but two per process (its training loop and pin-memory thread), shared among the
+    ``processes_here`` processes on this machine, at most 16."""
     if requested is not None:
         return requested
     if device.type != "cuda":
         return cpu_workers
-    return max(2, min(16, usable_cores() - 2))
+    processes_here = max(1, processes_here)
+    return max(2, min(16, usable_cores() // processes_here - 2))
 
 
-def resolve_feeding(cfg, device: torch.device, backbone: str, input_size: int, cpu_batch: int) -> str:
-    """Fill in ``cfg.batch_size`` (scaling ``cfg.lr`` with it when it is chosen here) and ``cfg.workers``; returns a
-    line for the log. The settings go to the run's config.json as they were used."""
+def resolve_feeding(cfg, device: torch.device, backbone: str, input_size: int, cpu_batch: int, world: int = 1,
+                    local_world: int = 1) -> str:
+    """Fill in ``cfg.batch_size`` (each process's batch; the learning rate scales with the batch of all ``world``
+    processes together, which DDP averages gradients over, when the batch is chosen here) and ``cfg.workers``
+    (shared among the ``local_world`` processes on this machine); returns a line for the log. The settings go to the
+    run's config.json as they were used."""
     line = ""
     if cfg.batch_size is None:
         cfg.batch_size = batch_for(device, backbone, input_size, cpu_batch)
-        if cfg.batch_size != cpu_batch:
-            lr = scaled_lr(cfg.lr, cfg.batch_size, cpu_batch)
-            line = f"batch {cfg.batch_size} for this {device.type} (learning rate {cfg.lr:g} x {cfg.batch_size}/{cpu_batch} = {lr:g})"
+        # a CPU keeps the recipe's own batch and rate, measured there, also under torchrun
+        total = cfg.batch_size * (world if device.type == "cuda" else 1)
+        if total != cpu_batch:
+            lr = scaled_lr(cfg.lr, total, cpu_batch)
+            of = f"{cfg.batch_size} x {world} processes" if world > 1 else f"{cfg.batch_size}"
+            line = f"batch {of} for this {device.type} (learning rate {cfg.lr:g} x {total}/{cpu_batch} = {lr:g})"
             cfg.lr = lr
-    cfg.workers = workers_for(device, cfg.workers)
+    cfg.workers = workers_for(device, cfg.workers, processes_here=local_world)
     return line
 
 

@@ -67,7 +67,8 @@ class ProgressiveRun:
         self.autocast = autocast_for(self.device, self.precision)
         self.files = RunFiles(self.run_dir, enabled=self.main, clock_start=self.t_job)
         size = cfg.input_size or (448 if self.device.type == "cuda" else 224)
-        feeding = resolve_feeding(cfg, self.device, cfg.backbone, max(size, cfg.ntsnet_size or size), cpu_batch=16)
+        feeding = resolve_feeding(cfg, self.device, cfg.backbone, max(size, cfg.ntsnet_size or size), cpu_batch=16,
+                                  world=self.world, local_world=distributed.local_world())
         self.snap = self._snapshot()
         self.names, self.n_cls = self.snap.class_names, len(self.snap.class_names)
         self.budget = (cfg.max_minutes if cfg.max_minutes is not None else auto_minutes(len(self.snap.train))) * 60

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ntsnet import NTSConfig, create_model, nts_loss, save_checkpoint
 from ntsnet.checkpoint import atomic_write
-from ntsnet.device import autocast_for, resolve_device, tune_for_fixed_shapes
+from ntsnet.device import autocast_for, gpu_has_bf16, resolve_device, tune_for_fixed_shapes
 from ntsnet.predictor import cpu_supports_fast_bf16
 from ntsnet.runtime import keep_freed_memory, opencv_on_one_thread
 
@@ -71,12 +71,13 @@ class RunState:
 
 # ---------------------------------------------------------------------------------------- helpers
 def choose_precision(device: torch.device, requested: str, bf16_on_cpu: bool = True) -> str:
-    """Training precision for "auto": bf16 on a GPU that has it and, with ``bf16_on_cpu``, on a CPU with AMX
-    (elsewhere bf16 trains slower than fp32, see ``cpu_supports_fast_bf16``), fp32 otherwise."""
+    """Training precision for "auto": bf16 on a GPU with bf16 hardware (compute capability 8.0 and later; a T4 or V100
+    would emulate it) and, with ``bf16_on_cpu``, on a CPU with AMX (elsewhere bf16 trains slower than fp32, see
+    ``cpu_supports_fast_bf16``), fp32 otherwise."""
     if requested != "auto":
         return requested
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if gpu_has_bf16(device) else "fp32"
     if device.type == "cpu" and bf16_on_cpu and cpu_supports_fast_bf16(training=True):
         return "bf16"
     return "fp32"
@@ -126,7 +127,8 @@ class PaperRun:
             keep_freed_memory()  # DataLoader workers fork after this and inherit it
         tune_for_fixed_shapes(self.device)
         opencv_on_one_thread()  # inherited by the workers too
-        self.feeding = resolve_feeding(cfg, self.device, cfg.backbone, cfg.input_size, cpu_batch=8)
+        self.feeding = resolve_feeding(cfg, self.device, cfg.backbone, cfg.input_size, cpu_batch=8, world=self.world,
+                                       local_world=distributed.local_world())
         self.autocast = autocast_for(self.device, self.precision)
         self.files = RunFiles(self.run_dir, enabled=self.main)
         snap_path = self.run_dir / "snapshot.json"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ntsnet.device import gpu_task, on_zero_gpu
+from ntsnet.device import release_cached_memory
 from ntsnet.draw import draw_prediction
 from training import active
 
@@ -21,12 +21,6 @@ from . import common
 from .common import StudioError
 
 log = logging.getLogger("webapp")
-
-
-@gpu_task
-def run_model(predictor, rgb, memory=None):
-    """One frame through the model that answers (on a ZeroGPU Space, with a GPU attached for the call)."""
-    return predictor.predict(rgb) if memory is None else predictor.predict(rgb, memory=memory)
 
 
 @dataclass
@@ -188,7 +182,7 @@ class RecognitionActions:
         if frame is None:
             return None
         rgb = np.asarray(frame)
-        if not wait and not on_zero_gpu():  # ZeroGPU lends its GPU to request handlers, not to a worker thread
+        if not wait:
             last = self._live.last(session)
             # which model answers is the worker's question; here only a session with no answer yet asks it
             if last is None and self._answerer()[0] is None:
@@ -214,7 +208,7 @@ class RecognitionActions:
             return None
         t0 = time.perf_counter()
         reuse = live and hasattr(predictor, "unknown_threshold")  # a trained model: reuse still parts between frames
-        pred = run_model(predictor, rgb, self._live.memory(session, predictor) if reuse else None)
+        pred = predictor.predict(rgb, memory=self._live.memory(session, predictor)) if reuse else predictor.predict(rgb)
         answer = (pred, model, getattr(predictor, "backend_name", backend))
         self._live.answered(session, answer, time.perf_counter() - t0)
         return answer
@@ -246,9 +240,13 @@ class RecognitionActions:
         if path is None:
             raise StudioError("No active model: train one first (Train tab) and make it active.")
         out = Path(path).parent / f"evaluation-{split}" if not path.startswith("hf://") else self.db / "evaluation"
+        predictor = self.predictor()
         try:
-            return {**gpu_task(evaluate)(path, self.db, split=split, out_dir=out, progress=progress, predictor=self.predictor(),
+            return {**evaluate(path, self.db, split=split, out_dir=out, progress=progress, predictor=predictor,
                                unknown_products=[u for u in unknown_products if u]),
                     "confusion_png": str(out / "confusion.png")}
         except ValueError as exc:
             raise StudioError(str(exc)) from None
+        finally:  # a Train click started next finds the evaluation's GPU memory free
+            if predictor is not None:
+                release_cached_memory(predictor.device)

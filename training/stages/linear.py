@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ntsnet.images import to_input_tensor
+from ntsnet.images import resize_batch
 
 from ..data import store_augment
 from ..features import embed_batches, fit_head, imprinted_head
@@ -20,26 +20,28 @@ VIEW_SHARE = 0.05  # augmenting costs as much as the features: views until this 
 
 
 class AugmentedViews(torch.utils.data.Dataset):
-    """View ``view`` of every photo as a model input; randomness from (seed, view, photo), so any number of
+    """View ``view`` of every photo, resized; randomness from (seed, view, photo), so any number of
     DataLoader workers gives the same views."""
 
-    def __init__(self, arrays, size: int, mean, std, seed: int, view: int):
-        self.arrays, self.size, self.mean, self.std, self.seed, self.view = arrays, size, mean, std, seed, view
+    def __init__(self, arrays, size: int, seed: int, view: int):
+        self.arrays, self.size, self.seed, self.view = arrays, size, seed, view
 
     def __len__(self):
         return len(self.arrays)
 
     def __getitem__(self, i):
+        """(3, size, size) uint8: a quarter of float's bytes through the workers' shared memory; normalised where
+        the backbone runs (embed_batches)."""
         rng = np.random.default_rng([self.seed, 99, self.view, i])
         aug = np.array(store_augment(Image.fromarray(self.arrays[i]), rng, degrade=False))
-        return to_input_tensor([aug], self.size, self.mean, self.std)[0]
+        return resize_batch([aug], self.size)[0]
 
 
 def view_features(run, view: int) -> torch.Tensor:
     """Pooled features of one augmented view of every training photo. On a GPU DataLoader workers prepare the views
     while the backbone embeds; on a CPU the main process does both (the cores are the backbone's)."""
     feats = run.features
-    ds = AugmentedViews(run.train_arrays, run.size, feats.backbone.mean, feats.backbone.std, run.cfg.seed, view)
+    ds = AugmentedViews(run.train_arrays, run.size, run.cfg.seed, view)
     on_gpu = run.device.type == "cuda"
     loader = torch.utils.data.DataLoader(ds, batch_size=128 if on_gpu else 32, num_workers=run.cfg.workers if on_gpu else 0,
                                          pin_memory=on_gpu)
