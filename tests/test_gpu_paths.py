@@ -378,3 +378,29 @@ def test_a_predictor_answers_with_one_precision_whatever_the_batch(monkeypatch):
     assert list(inspect.signature(Predictor._autocast).parameters) == ["self"]
     with pytest.raises(ValueError):
         inference_precision(torch.device("cpu"), "fp16")
+
+
+def test_the_apps_evaluation_hands_its_gpu_cache_back(monkeypatch, tmp_path, tiny_checkpoint):
+    """PyTorch's allocator keeps an evaluation's blocks cached in the app's process, where the Train job (another
+    process) cannot use them."""
+    from synthetic import draw_product, stable_seed
+
+    from ntsnet import device as device_module
+    from webapp import Studio
+    from webapp import live as live_module
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    device_module.release_cached_memory(torch.device("cpu"))
+    assert emptied == []
+    device_module.release_cached_memory(torch.device("cuda"))
+    assert emptied == [True]
+    released = []
+    monkeypatch.setattr(live_module, "release_cached_memory", released.append)
+    studio = Studio(tmp_path / "cat")
+    studio.create_product("red-box")
+    studio.save_photo(draw_product(np.random.default_rng(stable_seed("red-box", 0)), "red-box", size=120), "red-box")
+    studio.set_active_model(str(tiny_checkpoint))
+    studio.evaluate("train")
+    assert released == [studio.predictor().device]
