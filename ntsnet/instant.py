@@ -2,8 +2,9 @@
 
 Adding a photo costs one forward pass of a frozen ImageNet backbone; each product's prototype is the mean of
 its photos' L2-normalised embeddings, kept as an exact running sum (float64) so adding, removing or moving a
-photo gives the same index as rebuilding from scratch. A query is scored by cosine similarity to every
-prototype; below a calibrated similarity it answers "unknown" instead of naming a product.
+photo gives the same index as rebuilding from scratch. A query names the product whose prototype is the most
+similar once both are whitened by the catalogue's own statistics (``WhitenedView``); below a calibrated plain
+cosine similarity to every prototype it answers "unknown" instead of naming a product.
 
 The index lives in CATALOGUE/instant_index.safetensors and is synced against the catalogue on load: photos
 deleted, moved or merged since are dropped or relabelled, new ones embedded, and a changed backbone means a
@@ -27,12 +28,14 @@ from .device import exact_fp32, resolve_device, to_device_of
 from .images import PREPROCESSING, to_input_tensor, to_rgb_array
 from .predictor import Prediction
 from .runtime import keep_freed_memory, single_torch_thread
+from .whitening import Whitening, whitened_prototypes
 
 log = logging.getLogger("ntsnet")
 
 INDEX_FILE = "instant_index.safetensors"
 TEMPERATURE = 20.0   # cosine similarity -> softmax sharpness for the reported confidence
 SAVE_EVERY_S = 5.0   # captures in a burst share one write of the index file
+REFIT_EVERY_S = 5.0  # a large index refits its whitening at most this often while photos keep coming
 
 
 class Embedder:
@@ -106,7 +109,8 @@ class InstantIndex:
         self.labels: dict[int, str] = {}              # image id -> product
         self.sums: dict[str, np.ndarray] = {}         # product -> float64 sum of its unit vectors
         self.counts: dict[str, int] = {}
-        self.threshold: float | None = None           # cosine similarity below which the answer is "unknown"
+        self.version = 0                              # bumped by every edit: the whitened view is refitted from it
+        self._view: WhitenedView | None = None
 
     # ---------------------------------------------------------------------------- incremental edits
     def add(self, image_id: int, product: str, embedding: np.ndarray):
@@ -116,6 +120,7 @@ class InstantIndex:
         self.embeddings[image_id], self.labels[image_id] = e, product
         self.sums[product] = self.sums.get(product, np.zeros(e.shape, np.float64)) + e.astype(np.float64)
         self.counts[product] = self.counts.get(product, 0) + 1
+        self.version += 1
 
     def remove(self, image_id: int):
         e, product = self.embeddings.pop(image_id), self.labels.pop(image_id)
@@ -124,6 +129,7 @@ class InstantIndex:
             del self.counts[product], self.sums[product]
         else:
             self.sums[product] = self.sums[product] - e.astype(np.float64)
+        self.version += 1
 
     def relabel(self, image_id: int, product: str):
         e = self.embeddings[image_id]
@@ -150,22 +156,42 @@ class InstantIndex:
         protos /= np.linalg.norm(protos, axis=1, keepdims=True) + 1e-12
         return names, protos.astype(np.float32)
 
-    def scores(self, embeddings: np.ndarray) -> tuple[list[str], np.ndarray]:
-        names, protos = self.prototypes()
-        return names, np.asarray(embeddings, np.float32) @ protos.T
+    def view(self) -> "WhitenedView":
+        """The rule that answers: whitened prototypes and their threshold, refitted after edits (in a long burst on a
+        large catalogue at most every REFIT_EVERY_S seconds, or when a tenth of the photos changed)."""
+        view = self._view
+        if view is None or view.version != self.version:
+            n = len(self.embeddings)
+            if view is None or n <= 512 or abs(n - view.photos) > 0.1 * view.photos or time.monotonic() - view.made > REFIT_EVERY_S:
+                view = self._view = WhitenedView(self)
+        return view
+
+    @property
+    def threshold(self) -> float | None:
+        """Whitened cosine similarity below which the answer is "unknown" (None: never)."""
+        return self.view().threshold
+
+    def scores(self, embeddings: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(products, whitened similarities that rank them, plain similarities that the unknown threshold reads)."""
+        view = self.view()
+        e = np.asarray(embeddings, np.float32)
+        if not view.names:
+            return [], np.zeros((len(e), 0), np.float32), np.zeros((len(e), 0), np.float32)
+        return view.names, view.whiten(e) @ view.protos.T, e @ view.plain.T
 
     def classify(self, embeddings: np.ndarray, top_k: int = 5) -> list[Prediction]:
-        names, sims = self.scores(embeddings)
+        names, ranked, plain = self.scores(embeddings)
         if not names:
             raise ValueError("the instant index is empty: capture photos first")
+        threshold = self.threshold
         out = []
-        for row in sims:
+        for row, plain_row in zip(ranked, plain):
             logits = TEMPERATURE * (row - row.max())
             probs = np.exp(logits) / np.exp(logits).sum()
             order = np.argsort(-row)[:top_k]
             top = [(names[i], float(probs[i])) for i in order]
-            best_sim = float(row[order[0]])
-            unknown = self.threshold is not None and best_sim < self.threshold
+            best_sim = float(plain_row.max())
+            unknown = threshold is not None and best_sim < threshold
             out.append(Prediction("unknown" if unknown else top[0][0], top[0][1], top, [], int(order[0]), (0, 0),
                                   unknown=unknown, best_guess=top[0][0], score=best_sim))
         return out
@@ -178,8 +204,7 @@ class InstantIndex:
         tensors = {"ids": torch.tensor(ids, dtype=torch.int64),
                    "embeddings": torch.from_numpy(np.stack([self.embeddings[i] for i in ids])) if ids else torch.zeros(0, 1)}
         meta = {"format": "ntsnet-instant-index", "backbone": self.backbone, "preprocessing": PREPROCESSING,
-                "labels": json.dumps([self.labels[i] for i in ids], ensure_ascii=False),
-                "threshold": json.dumps(self.threshold)}
+                "labels": json.dumps([self.labels[i] for i in ids], ensure_ascii=False)}
         atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -197,7 +222,6 @@ class InstantIndex:
         except (OSError, SafetensorError, ValueError, KeyError):
             return None  # unreadable: it is only a cache, rebuild it
         index = cls.from_embeddings(zip(ids, labels, emb), backbone=meta["backbone"])
-        index.threshold = json.loads(meta.get("threshold", "null"))
         return index
 
 
@@ -207,6 +231,50 @@ def calibrate_threshold(known_best_scores, keep: float = 0.95) -> float:
     if len(scores) == 0:
         return float("-inf")
     return float(np.quantile(scores, 1.0 - keep))
+
+
+class WhitenedView:
+    """What the instant model answers with for one state of its index. Which product: the highest cosine similarity
+    to a product's prototype, both whitened by the catalogue's own statistics (ntsnet/whitening.py). Whether it is
+    one at all: the highest plain cosine similarity to a prototype against ``threshold``.
+
+    The threshold lies between two leave-one-out distributions over the captured photos: each photo's similarity
+    to its own product (what a known product scores) and to the closest other product (what a product that is not
+    in the catalogue tends to score). Halfway between the 5th percentile of the first and the 95th of the second;
+    few photos make the first optimistic, and the midpoint leaves room for that. (Whitened similarities cannot be
+    calibrated so: a photo left out of its prototype still shaped the whitening.)"""
+
+    def __init__(self, index: "InstantIndex"):
+        self.version, self.photos, self.made = index.version, len(index.embeddings), time.monotonic()
+        self.names, self.plain = index.prototypes()
+        self.threshold = None
+        if not self.names:
+            self.whiten, self.protos = (lambda e: np.asarray(e, np.float32)), self.plain
+            return
+        ids = sorted(index.embeddings)
+        raw = np.stack([index.embeddings[i] for i in ids])
+        self.whiten = Whitening(raw)
+        self.protos = whitened_prototypes(self.whiten, raw, [index.labels[i] for i in ids], self.names)
+        self.threshold = self._calibrate(index)
+
+    def _calibrate(self, idx) -> float | None:
+        if len(self.names) < 2:
+            return None
+        ids = [i for i in idx.embeddings if idx.counts[idx.labels[i]] >= 2]
+        if not ids:
+            return None
+        emb = np.stack([idx.embeddings[i] for i in ids]).astype(np.float64)
+        col = {n: j for j, n in enumerate(self.names)}
+        own_col = np.array([col[idx.labels[i]] for i in ids])
+        counts = np.array([idx.counts[idx.labels[i]] for i in ids], np.float64)[:, None]
+        loo = (np.stack([idx.sums[idx.labels[i]] for i in ids]) - emb) / (counts - 1)   # own prototype without the photo
+        own = np.einsum("nd,nd->n", emb, loo / (np.linalg.norm(loo, axis=1, keepdims=True) + 1e-12))
+        sims = emb @ self.plain.T.astype(np.float64)
+        sims[np.arange(len(ids)), own_col] = -np.inf
+        other = sims.max(axis=1)
+        known_low = calibrate_threshold(own, keep=0.95)
+        other_high = float(np.quantile(other, 0.95))
+        return (known_low + other_high) / 2 if other_high < known_low else known_low
 
 
 class InstantRecogniser:
@@ -253,7 +321,6 @@ class InstantRecogniser:
                 progress(min(start + 32, len(missing)), len(missing))
         changed = bool(removed or moved or missing)
         if changed:
-            self._recalibrate()
             if save:
                 self.save()
         return {"added": len(missing), "removed": len(removed), "relabelled": len(moved), "photos": len(self.index.labels)}
@@ -262,40 +329,12 @@ class InstantRecogniser:
         """One new capture: one forward pass, no retraining. Saved at most every few seconds: photos a crash
         loses from the file are simply embedded again by the next ``sync``."""
         self.index.add(image_id, product, self.embedder([image])[0])
-        self._recalibrate()
         if time.monotonic() - self._saved_at > SAVE_EVERY_S:
             self.save()
 
     def save(self):
         self.index.save(self.path)
         self._saved_at = time.monotonic()
-
-    def _recalibrate(self):
-        """Threshold between two leave-one-out distributions over the captured photos: each photo's similarity
-        to its own product (what a known product scores) and to the closest other product (what a product
-        that is not in the catalogue tends to score). Halfway between the 5th percentile of the first and the
-        95th of the second; few photos make the first optimistic, and the midpoint leaves room for that."""
-        idx = self.index
-        if len(idx.products) < 2:
-            idx.threshold = None
-            return
-        names, protos = idx.prototypes()
-        ids = [i for i in idx.embeddings if idx.counts[idx.labels[i]] >= 2]
-        if not ids:
-            idx.threshold = None
-            return
-        emb = np.stack([idx.embeddings[i] for i in ids]).astype(np.float64)
-        col = {n: j for j, n in enumerate(names)}
-        own_col = np.array([col[idx.labels[i]] for i in ids])
-        counts = np.array([idx.counts[idx.labels[i]] for i in ids], np.float64)[:, None]
-        loo = (np.stack([idx.sums[idx.labels[i]] for i in ids]) - emb) / (counts - 1)   # own prototype without the photo
-        own = np.einsum("nd,nd->n", emb, loo / (np.linalg.norm(loo, axis=1, keepdims=True) + 1e-12))
-        sims = emb @ protos.T.astype(np.float64)
-        sims[np.arange(len(ids)), own_col] = -np.inf
-        other = sims.max(axis=1)
-        known_low = calibrate_threshold(own, keep=0.95)
-        other_high = float(np.quantile(other, 0.95))
-        idx.threshold = (known_low + other_high) / 2 if other_high < known_low else known_low
 
     def ready(self) -> bool:
         return len(self.index.products) >= 2

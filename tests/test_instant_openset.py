@@ -150,3 +150,39 @@ def test_ntsnet_stores_a_threshold_and_reports_open_set(tmp_path, monkeypatch):
     assert [r["coverage"] for r in o["coverage"]][-1] == "stored"
     with pytest.raises(ValueError, match="one of the model's products"):
         evaluate(tmp_path / "run" / "best.safetensors", cat.root, split="test", progress=False, unknown_products=["red-box"])
+
+
+def test_whitening_finds_the_products_under_what_every_photo_shares():
+    """A strong nuisance every photo varies in (light, a hand) and a weak direction per product: plain prototypes are
+    near chance, whitened ones by the catalogue's own statistics are not; the job's bar uses the same rule."""
+    import torch
+
+    from ntsnet.whitening import Whitening
+    from training.features import prototype_predictions
+
+    rng = np.random.default_rng(0)
+    d, per, classes = 24, 12, 4
+    nuisance = rng.normal(size=(3, d)) * 4.0
+    centres = rng.normal(size=(classes, d)) * 0.6
+
+    def photos(n):
+        y = np.repeat(np.arange(classes), n)
+        x = centres[y] + rng.normal(size=(len(y), 3)) @ nuisance + rng.normal(size=(len(y), d)) * 0.3 + 5.0
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+    bank, y_bank = photos(per)
+    queries, y_q = photos(25)
+    index = InstantIndex.from_embeddings([(i, f"p{c}", e) for i, (c, e) in enumerate(zip(y_bank, bank))])
+    names, plain_protos = index.prototypes()
+    plain = (np.array(names)[(queries @ plain_protos.T).argmax(1)] == np.array([f"p{c}" for c in y_q])).mean()
+    answers = [p.label if not p.unknown else p.best_guess for p in index.classify(queries)]
+    whitened = (np.array(answers) == np.array([f"p{c}" for c in y_q])).mean()
+    assert plain < 0.4 and whitened > 0.7, (plain, whitened)
+    bar = prototype_predictions(torch.from_numpy(bank), torch.from_numpy(y_bank), torch.from_numpy(queries), classes)
+    assert [f"p{c}" for c in bar.tolist()] == answers  # the Train job's instant bar is the instant model's rule
+    few = Whitening(bank[:10])  # fewer photos than dimensions: the same transform as the full eigendecomposition
+    centred = bank[:10].astype(np.float64) - bank[:10].mean(0)
+    lam, vec = np.linalg.eigh(np.cov(centred.T))
+    alpha = 0.3 * lam[lam > lam.max() * 1e-10].mean()
+    w = (queries - bank[:10].mean(0)) @ vec @ np.diag(1 / np.sqrt(np.clip(lam, 0, None) + alpha)) @ vec.T
+    np.testing.assert_allclose(few(queries), w / np.linalg.norm(w, axis=1, keepdims=True), atol=1e-5)

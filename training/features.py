@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ntsnet.device import device_of, inference_batch
 from ntsnet.images import normalise_batch, to_input_tensor
+from ntsnet.whitening import Whitening, whitened_prototypes
 
 from .data import load_rgb
 from .feeding import as_model_input
@@ -59,8 +60,9 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 
 def imprinted_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.nn.Linear:
-    """A linear head whose argmax equals the prototype classifier's: each class's weight is its prototype, scaled so
-    that logits span a useful range (cosine x ~10)."""
+    """A linear head whose argmax equals the plain (unwhitened) prototype classifier's: each class's weight is its
+    prototype, scaled so that logits span a useful range (cosine x ~10). A starting point for fitting: the instant
+    model's whitened rule is not linear in the raw features."""
     head = torch.nn.Linear(features.shape[1], num_classes)
     with torch.no_grad():
         head.weight.copy_(class_prototypes(features, labels, num_classes) * (10.0 / features.norm(dim=1).mean().clamp_min(1e-6)))
@@ -69,8 +71,12 @@ def imprinted_head(features: torch.Tensor, labels: torch.Tensor, num_classes: in
 
 
 def prototype_predictions(train_feats, train_labels, feats, num_classes) -> torch.Tensor:
-    """The instant model's rule (ntsnet/instant.py): highest cosine similarity to a product's prototype."""
-    return (F.normalize(feats, dim=1) @ class_prototypes(train_feats, train_labels, num_classes).T).argmax(1)
+    """The instant model's rule (ntsnet/instant.py): highest cosine similarity to a product's prototype, both
+    whitened by the training photos' statistics (ntsnet/whitening.py)."""
+    bank = F.normalize(train_feats.float(), dim=1).numpy()
+    whiten = Whitening(bank)
+    protos = whitened_prototypes(whiten, bank, np.asarray(train_labels), range(num_classes))
+    return torch.from_numpy(whiten(F.normalize(feats.float(), dim=1).numpy()) @ protos.T).argmax(1)
 
 
 def prototype_accuracy(train_feats, train_labels, feats, labels, num_classes) -> float:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ntsnet.unknown import auroc  # noqa: F401  (re-exported: the evaluation's AUROC)
+
 KEEP = 0.95
 MIN_CALIBRATION_PHOTOS = 40  # fewer validation photos than this: no threshold (a 5% quantile of 8 scores rejects knowns)
 
@@ -26,16 +28,6 @@ def threshold_record(known_scores, keep: float = KEEP) -> dict:
     if n < MIN_CALIBRATION_PHOTOS:
         return {**record, "why": f"fewer than {MIN_CALIBRATION_PHOTOS} validation photos: never answers 'unknown'"}
     return {**record, "value": threshold_for(known_scores, keep)}
-
-
-def auroc(known_scores, unknown_scores) -> float:
-    """P(a known photo scores higher than an unknown one), ties counting half (Mann-Whitney U)."""
-    k, u = np.asarray(known_scores, np.float64), np.asarray(unknown_scores, np.float64)
-    if not len(k) or not len(u):
-        return float("nan")
-    greater = (k[:, None] > u[None, :]).sum()
-    ties = (k[:, None] == u[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(k) * len(u)))
 
 
 def coverage_table(known_scores, known_correct, unknown_scores, threshold=None, coverages=(1.0, 0.95, 0.9, 0.8, 0.7, 0.5)) -> list[dict]:

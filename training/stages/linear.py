@@ -1,6 +1,5 @@
 """Stage 1 (seconds): a linear head on the frozen backbone's pooled features of several augmented views of each
-photo, initialised from the products' prototypes (weight imprinting: before any step it answers exactly as the
-instant model does), then fitted. The views are framed, flipped, lit and coloured, never darkened, blurred or
+photo, initialised from the products' prototypes (weight imprinting), then fitted. The views are framed, flipped, lit and coloured, never darkened, blurred or
 shrunk: frozen features cannot learn to see through those, so such views only add noise to the head.
 """
 from __future__ import annotations
