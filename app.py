@@ -31,7 +31,7 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
             review.build(studio, screen)
         if allow_training:
             train.build(studio, screen)
-        recognise.build(studio, live_fps)
+        recognise.build(studio, live_fps, screen, product)
         if allow_capture:
             evaluate.build(studio)
             demo.load(lambda: (screen.status_line(), screen.product_choices()), None, [screen.header, product])

@@ -117,6 +117,31 @@ def instant_draw(emb, names, splits, held) -> dict:
     return result
 
 
+def small_catalogues(emb, names, splits, coarse, groups=("Milk", "Juice", "Yoghurt", "all"), per_product=14) -> dict:
+    """The instant model's top-1 on train_click.py's small catalogues (the first ``per_product`` training photos of
+    each product of a coarse class, its val photos as the questions): plain and whitened prototypes."""
+    from ntsnet.unknown import unit_rows
+    from ntsnet.whitening import Whitening, whitened_prototypes
+
+    out = {}
+    for group in groups:
+        chosen = np.array([group == "all" or coarse[n] == group for n in names])
+        bank, counts = [], {}
+        for i in np.flatnonzero(chosen & (splits == "train")):
+            if counts.get(names[i], 0) < per_product:
+                bank.append(i)
+                counts[names[i]] = counts.get(names[i], 0) + 1
+        bank, q = np.array(bank), np.flatnonzero(chosen & (splits == "val"))
+        classes = np.unique(names[bank])
+        plain = unit_rows(np.stack([emb[bank][names[bank] == c].mean(0) for c in classes]))
+        whiten = Whitening(emb[bank])
+        ranked = whiten(emb[q]) @ whitened_prototypes(whiten, emb[bank], names[bank], classes).T
+        out[group] = {"products": len(classes), "questions": len(q),
+                      "top1_plain": round(float((classes[(emb[q] @ plain.T).argmax(1)] == names[q]).mean()), 4),
+                      "top1_whitened": round(float((classes[ranked.argmax(1)] == names[q]).mean()), 4)}
+    return out
+
+
 def model_outputs(checkpoint: Path, paths) -> dict[str, np.ndarray]:
     """Logits of each head and the pooled features the heads read (whole image; Scrutinizer's concatenation)."""
     import torch
@@ -216,7 +241,8 @@ def main():
     emb = instant_embeddings(paths, work / "instant-embeddings.npz")
     print(f"instant embeddings of {len(paths)} photos in {time.perf_counter() - t0:.0f} s", flush=True)
     coarse = coarse_of()
-    report = {"machine": machine_line(), "instant": [], "trained": []}
+    report = {"machine": machine_line(), "instant": [], "trained": [], "small_catalogues": small_catalogues(emb, names, splits, coarse)}
+    print("instant top-1 on small catalogues (14 photos a product):", json.dumps(report["small_catalogues"]), flush=True)
     for draw in range(args.draws):
         held = held_out(draw, coarse)
         r = instant_draw(emb, names, splits, held)

@@ -168,7 +168,7 @@ class InstantIndex:
 
     @property
     def threshold(self) -> float | None:
-        """Whitened cosine similarity below which the answer is "unknown" (None: never)."""
+        """Plain cosine similarity to the closest prototype below which the answer is "unknown" (None: never)."""
         return self.view().threshold
 
     def scores(self, embeddings: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:

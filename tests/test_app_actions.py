@@ -335,3 +335,27 @@ def test_the_apps_precision_reaches_the_model_that_answers(tmp_path, tiny_checkp
         studio.set_active_model(str(tiny_checkpoint))
         names[precision] = studio._answerer()[2]
     assert names == {"auto": "torch bf16 (parts)", "fp32": "torch fp32"}
+
+
+def test_an_unknown_product_is_added_from_the_frame_that_was_not_recognised(studio, monkeypatch):
+    """"Not in the catalogue — closest: A, B", then one click makes it a product with that frame as its first photo."""
+    from ntsnet.predictor import Prediction
+
+    with pytest.raises(StudioError, match="No frame"):
+        studio.add_unknown_as_product("s1", "yellow-jar")
+    fill(studio, n=3)
+    frame = shot(77, "green-pack")
+    unknown = Prediction("unknown", 0.4, [("blue-can", 0.4), ("red-box", 0.35)], unknown=True, best_guess="blue-can")
+    monkeypatch.setattr(studio, "_answer", lambda rgb, session, live: (unknown, "instant", "torch"))
+    r = studio.recognise(frame, session="s1", wait=True)
+    assert r.label == "Not in the catalogue — closest: blue-can, red-box" and not r.sure
+    with pytest.raises(StudioError, match="No frame"):
+        studio.add_unknown_as_product("another visitor", "yellow-jar")
+    with pytest.raises(StudioError, match="already exists"):
+        studio.add_unknown_as_product("s1", "Red-Box")
+    added = studio.add_unknown_as_product("s1", "yellow-jar")
+    assert "Added" in added["message"] and studio.photo_count("yellow-jar") == 1
+    stored = studio.catalogue.images(product="yellow-jar")[0]
+    pixels = np.asarray(Image.open(studio.catalogue.image_path(stored["path"])).convert("RGB"), np.float32)
+    blocks = lambda a: np.asarray(a, np.float32).reshape(30, 8, 30, 8, 3).mean((1, 3))  # noqa: E731  JPEG keeps 8x8 means
+    assert pixels.shape == frame.shape and np.abs(blocks(pixels) - blocks(frame)).mean() < 3  # that frame, as stored

@@ -41,6 +41,7 @@ class Studio(CatalogueActions, LabellingActions, TrainingActions, RecognitionAct
         self._busy = threading.Lock()
         self._instant = None
         self._live = LiveAnswers()
+        self._unknown_frames = SessionMemory(keep_seconds=300)  # each session's last frame answered "not in the catalogue"
         self._live_worker = None
         self._review_cache, self._review_lock = None, threading.Lock()
         if checkpoint:

@@ -192,10 +192,10 @@ class RecognitionActions:
             last = self._live.last(session)  # read after the news: the answer shown is never older than what was taken
             if last is None:
                 return None
-            return self._present(rgb, *last, fresh=fresh)
+            return self._present(rgb, session, *last, fresh=fresh)
         with self._busy:
             answer = self._answer(rgb, session, live=False)
-        return self._no_model(rgb) if answer is None else self._present(rgb, *answer, fresh=True)
+        return self._no_model(rgb) if answer is None else self._present(rgb, session, *answer, fresh=True)
 
     def _no_model(self, rgb) -> Recognition:
         return Recognition(rgb, "No model yet: collect photos of at least two products (the instant model is ready after "
@@ -219,10 +219,13 @@ class RecognitionActions:
                 self._live_worker = LiveWorker(self)
             return self._live_worker
 
-    def _present(self, rgb, pred, model, backend, fresh: bool) -> Recognition:
+    def _present(self, rgb, session: str, pred, model, backend, fresh: bool) -> Recognition:
+        if pred.unknown:
+            self._unknown_frames.put(session, rgb)
         sure = pred.confidence >= common.UNSURE_BELOW and not pred.unknown
         if pred.unknown:
-            label, banner = f"Not in the catalogue (closest: {pred.best_guess})", "unknown product"
+            closest = ", ".join(name for name, _ in pred.top5[:2]) or pred.best_guess
+            label, banner = f"Not in the catalogue — closest: {closest}", "unknown product"
         elif not sure:
             label, banner = f"Not sure (best guess {pred.label}, {pred.confidence:.0%})", f"not sure: {pred.label}?"
         else:
@@ -230,6 +233,18 @@ class RecognitionActions:
         annotated = draw_prediction(rgb, pred, fps=self._live.rate(), label=banner)
         return Recognition(annotated, label, pred.confidence, dict(pred.top5), sure, model, backend=backend,
                            answers_per_s=self._live.rate(), fresh=fresh)
+
+    def add_unknown_as_product(self, session: str, name: str, sku: str = "") -> dict:
+        """The natural next step after "Not in the catalogue": a new product whose first photo is the last frame this
+        session saw answered so. Returns save_photo's result."""
+        self._require("capture")
+        frame = self._unknown_frames.get(session)
+        if frame is None:
+            raise StudioError("No frame was answered “Not in the catalogue” in this session yet: show the product to "
+                              "the camera (or upload its photo) first.")
+        self.create_product(name, sku)
+        saved = self.save_photo(frame, name.strip(), source="webcam")
+        return {**saved, "message": f"Added “{name.strip()}” with its first photo: take a few more in Collect. " + saved["message"]}
 
     # --------------------------------------------------------------------------------- evaluate
     def evaluate(self, split: str = "test", progress: bool = False, unknown_products=()) -> dict:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import gradio as gr
 
 from .collect import camera_constraints
-from .common import session_of
+from .common import act, session_of
 
 
-def build(studio, live_fps: float):
+def build(studio, live_fps: float, screen=None, product=None):
+    """``product``: Collect's product dropdown; with it (capture on) an unknown product can be added from here."""
     def recognise_hint():
         return ("" if studio.active_checkpoint() else "**No trained model yet.** Collect photos of at least two products "
                 "and click Train: each better model answers here as soon as it is ready.")
@@ -25,6 +26,11 @@ def build(studio, live_fps: float):
                                      elem_id="recognised-frame")
                 answer = gr.Markdown("")
                 top5 = gr.Label(label="Top 5", num_top_classes=5)
+                if product is not None:
+                    with gr.Accordion("Not in the catalogue? Add it", open=False):
+                        new_name = gr.Textbox(label="New product's name", placeholder="e.g. Royal Gala apples")
+                        add_btn = gr.Button("Add as a new product (the last unknown frame is its first photo)")
+                        added = gr.Markdown("")
 
     def show(r):
         if r is None:
@@ -44,3 +50,11 @@ def build(studio, live_fps: float):
     live.stream(on_recognise, [live], [annotated, answer, top5], stream_every=1 / live_fps, concurrency_limit=None, show_progress="hidden")
     photo.change(on_photo, [photo], [annotated, answer, top5])
     tab.select(recognise_hint, None, hint_md)
+    if product is None:
+        return
+
+    def on_add(name, request: gr.Request):
+        r = act(studio.add_unknown_as_product, session_of(request), name)
+        return r["message"], "", screen.product_choices(name.strip()), screen.status_line()
+
+    add_btn.click(on_add, [new_name], [added, new_name, product, screen.header])
