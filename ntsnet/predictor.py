@@ -34,6 +34,11 @@ class Box:
     score: float
 
 
+# the product a catalogue keeps for its camera's empty scene (Collect: "Capture the empty scene"): a model names it like
+# any product, and the answer means "nothing to recognise" (Prediction.nothing), never a product
+EMPTY_SCENE = "(empty scene)"
+
+
 @dataclass
 class Prediction:
     label: str
@@ -45,12 +50,18 @@ class Prediction:
     unknown: bool = False        # the evidence was too weak: label is "unknown", best_guess holds the top class
     best_guess: str = ""
     score: float = 0.0           # the score the unknown threshold applies to (max softmax, or cosine similarity)
+    nothing: bool = False        # the best answer is the empty scene: nothing to recognise (label is EMPTY_SCENE)
+
+    def __post_init__(self):
+        if self.best_guess == EMPTY_SCENE or (not self.best_guess and self.label == EMPTY_SCENE):
+            self.nothing, self.unknown, self.label = True, False, EMPTY_SCENE  # an empty scene is never "unknown"
 
     def to_dict(self) -> dict:
         return {
             "label": self.label,
             "confidence": round(self.confidence, 6),
             "unknown": self.unknown,
+            "nothing": self.nothing,
             "top5": [{"label": n, "confidence": round(p, 6)} for n, p in self.top5],
             "boxes": [{k: round(v, 2) for k, v in asdict(b).items()} for b in self.boxes],
         }

@@ -359,3 +359,46 @@ def test_an_unknown_product_is_added_from_the_frame_that_was_not_recognised(stud
     pixels = np.asarray(Image.open(studio.catalogue.image_path(stored["path"])).convert("RGB"), np.float32)
     blocks = lambda a: np.asarray(a, np.float32).reshape(30, 8, 30, 8, 3).mean((1, 3))  # noqa: E731  JPEG keeps 8x8 means
     assert pixels.shape == frame.shape and np.abs(blocks(pixels) - blocks(frame)).mean() < 3  # that frame, as stored
+
+
+def test_the_empty_scene_is_answered_as_nothing_to_recognise(studio, monkeypatch):
+    """An empty counter, later in other light, must not be named as a product: Collect captures the camera's empty
+    scene, and the instant model then answers "no product" for it while still naming the products."""
+    from ntsnet.predictor import EMPTY_SCENE
+
+    fill(studio, n=6)
+
+    def empty(seed, gain=1.0):
+        shelf = np.random.default_rng(seed).integers(90, 160, size=(240, 240, 3)).astype(np.float32)
+        return np.clip(shelf * gain, 0, 255).astype(np.uint8)
+
+    from webapp import capture
+
+    clock = [0.0]
+    monkeypatch.setattr(capture.time, "monotonic", lambda: clock[0])
+    frames = iter([empty(stable_seed("empty", i)) for i in range(8)])
+    steps = list(studio.capture_empty_scene(lambda: next(frames, None), sleep=lambda s: clock.__setitem__(0, clock[0] + s)))
+    assert steps[-1]["done"] and "Empty scene" in steps[0]["message"]
+    assert studio.photo_count(EMPTY_SCENE) == 8 and EMPTY_SCENE in studio.product_names()  # 3 s at 250 ms: 12 ticks
+    later = [empty(stable_seed("later", i), gain) for i, gain in enumerate([0.7, 0.85, 1.0, 1.15, 1.3] * 6)]
+    answers = [studio.recognise(f, wait=True) for f in later]
+    nothing = [r for r in answers if r.label.startswith("Nothing to recognise")]
+    assert len(nothing) == len(later) and not any(r.sure for r in answers)  # 30 of 30
+    named = [studio.recognise(shot(stable_seed("check", i), name), wait=True).label for i, name in enumerate(["red-box", "blue-can"] * 3)]
+    assert named == ["red-box", "blue-can"] * 3 or sum(a == b for a, b in zip(named, ["red-box", "blue-can"] * 3)) >= 5
+    assert not any(label.startswith("Nothing") for label in named)
+
+
+def test_a_trained_model_that_knows_the_empty_scene_answers_nothing(tiny_checkpoint):
+    from ntsnet import Predictor, load_checkpoint
+    from ntsnet.checkpoint import build_model
+    from ntsnet.predictor import EMPTY_SCENE
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    names = [EMPTY_SCENE if n == "red-box" else n for n in ckpt.class_names]  # the red class plays the empty scene
+    predictor = Predictor(build_model(ckpt), names, device="cpu", backend="torch")
+    predictor.unknown_threshold = 1.01  # even a threshold that rejects everything never makes it "unknown"
+    p = predictor.predict(shot(3, "red-box"))
+    assert p.nothing and not p.unknown and p.label == EMPTY_SCENE and p.to_dict()["nothing"]
+    other = predictor.predict(shot(4, "blue-can"))
+    assert not other.nothing and other.unknown

@@ -31,7 +31,7 @@ def test_predict_json_and_bad_files(tiny_checkpoint, tmp_path):
     assert [d["image"] for d in lines] == [str(good), str(good2)]
     assert [d["label"] for d in lines] == ["green-pack", "red-box"]
     for d in lines:
-        assert set(d) == {"image", "label", "confidence", "unknown", "top5", "boxes", "backend"}
+        assert set(d) == {"image", "label", "confidence", "unknown", "nothing", "top5", "boxes", "backend"}
         assert d["backend"] == "openvino"  # auto on a CPU with OpenVINO installed (requirements.txt)
         assert len(d["boxes"]) == 2 and set(d["boxes"][0]) == {"x0", "y0", "x1", "y1", "score"}
     errors = r.stderr.strip().splitlines()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset_tools import CatalogueError, DuplicateImage, InvalidImage, assign_splits
+from ntsnet.predictor import EMPTY_SCENE
 
 from .common import MAX_BURST_SECONDS, MAX_UPLOAD_FILES, MAX_UPLOAD_MB, MIN_BURST_INTERVAL_MS, THUMBNAIL_PX, StudioError
 
@@ -198,6 +199,15 @@ class CatalogueActions:
                 yield {"saved": saved, "message": f"Burst: {saved} saved. {message}", "done": False}
             sleep(every)
         yield {"saved": saved, "message": f"Burst finished: {saved} photos saved.", "done": True}
+
+    def capture_empty_scene(self, latest_frame, seconds: float = 3, every_ms: float = 250, sleep=time.sleep):
+        """A burst of the camera's empty scene (no product in view) under the catalogue's EMPTY_SCENE product, created
+        on first use: every model then learns what "nothing to recognise" looks like here and answers it so."""
+        self._require("capture")
+        if self.catalogue.product_id(EMPTY_SCENE, missing_ok=True) is None:
+            self.create_product(EMPTY_SCENE)
+        for step in self.burst(latest_frame, EMPTY_SCENE, (), every_ms, seconds, sleep=sleep):
+            yield {**step, "message": step["message"].replace("Burst", "Empty scene", 1)}
 
     def label_view(self, product: str | None = None, unlabelled: bool = False) -> list[dict]:
         """The photos the Label screen lists: one product's, or the unlabelled uploads."""

@@ -5,6 +5,7 @@ answered session first; the page gets its frame back at once with that session's
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -222,8 +223,11 @@ class RecognitionActions:
     def _present(self, rgb, session: str, pred, model, backend, fresh: bool) -> Recognition:
         if pred.unknown:
             self._unknown_frames.put(session, rgb)
-        sure = pred.confidence >= common.UNSURE_BELOW and not pred.unknown
-        if pred.unknown:
+        sure = pred.confidence >= common.UNSURE_BELOW and not pred.unknown and not pred.nothing
+        if pred.nothing:  # the camera's empty scene: no product named, no parts drawn
+            label, banner = "Nothing to recognise: no product in view", "no product"
+            pred = dataclasses.replace(pred, boxes=[])
+        elif pred.unknown:
             closest = ", ".join(name for name, _ in pred.top5[:2]) or pred.best_guess
             label, banner = f"Not in the catalogue — closest: {closest}", "unknown product"
         elif not sure:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ntsnet.predictor import EMPTY_SCENE
+
 from ..common import CONDITION_TAGS, MAX_BURST_SECONDS
 from ..live import SessionMemory
 from .common import Screen, act, session_of
@@ -36,6 +38,7 @@ def build(studio, screen: Screen):
                     burst_every = gr.Number(label="Burst: every (ms)", value=500, minimum=100)
                     burst_secs = gr.Number(label="for (s)", value=5, minimum=1, maximum=MAX_BURST_SECONDS)
                     burst_btn = gr.Button("Burst")
+                    empty_btn = gr.Button("Capture the empty scene (3 s)")
                 uploads = gr.File(label="Or drop photo files", file_count="multiple", file_types=["image"])
                 upload_btn = gr.Button("Save uploaded files")
                 collect_msg = gr.Markdown("")
@@ -61,6 +64,11 @@ def build(studio, screen: Screen):
         for step in act(studio.burst, lambda: latest_frames.get(key), name, tag_list, every_ms, seconds):
             yield step["message"], studio.gallery(name), counted(name), screen.status_line()
 
+    def on_empty_scene(request: gr.Request):
+        key = session_of(request)
+        for step in act(studio.capture_empty_scene, lambda: latest_frames.get(key)):
+            yield step["message"], studio.gallery(EMPTY_SCENE), counted(EMPTY_SCENE), screen.status_line()
+
     def on_upload(files, name, tag_list):
         r = act(studio.save_uploads, files, name, tag_list)
         return r["message"], studio.gallery(name), None, screen.status_line()
@@ -69,6 +77,8 @@ def build(studio, screen: Screen):
     cam.stream(on_frame, [cam], [cam_state], stream_every=0.1, concurrency_limit=None, show_progress="hidden")
     snap_btn.click(on_snap, [product, tags], [collect_msg, gallery, count, screen.header])
     burst_btn.click(on_burst, [product, tags, burst_every, burst_secs], [collect_msg, gallery, count, screen.header])
+    empty_btn.click(on_empty_scene, None, [collect_msg, gallery, count, screen.header]).then(
+        lambda: screen.product_choices(EMPTY_SCENE), None, product)
     upload_btn.click(on_upload, [uploads, product, tags], [collect_msg, gallery, uploads, screen.header])
     def on_product(name):
         return studio.gallery(name), counted(name)
