@@ -50,8 +50,8 @@ def parse_args(argv=None):
     ap.add_argument("--backend", default=os.environ.get("NTSNET_BACKEND", "auto"), choices=["auto", "torch", "openvino"],
                     help="inference runtime: auto = OpenVINO on a CPU (compiled in the background, cached), PyTorch on a GPU")
     ap.add_argument("--precision", default=os.environ.get("NTSNET_PRECISION", "auto"), choices=["auto", "fp32", "bf16"],
-                    help="trained models' inference precision: auto = bf16 where the hardware has it (on a CPU the "
-                         "Navigator's boxes stay fp32), fp32 = measure a bf16 machine as an ordinary one")
+                    help="trained models' inference precision: auto = the part pass in bf16 on a CPU with bf16 hardware "
+                         "(the Navigator's boxes stay fp32), fp32 on a GPU; fp32 = measure a bf16 machine as an ordinary one")
     ap.add_argument("--live-threads", type=int, default=None,
                     help="threads for the live model (default: all cores, less one when the browser runs on this machine)")
     ap.add_argument("--live-fps", type=float, default=LIVE_FPS, help="live frames the page sends per second at most")
