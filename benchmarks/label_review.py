@@ -76,6 +76,10 @@ def grocery(args) -> dict:
     checkpoint = args.with_model or (click(cat, args.train_minutes) if args.train_minutes else None)
     t0 = time.perf_counter()
     emb = catalogue_embeddings(cat, rows, checkpoint=checkpoint)
+    if args.whitened:  # the instant model's ranking space (ntsnet/whitening.py), label-free
+        from ntsnet.whitening import Whitening
+
+        emb = np.ascontiguousarray(Whitening(emb)(emb), np.float32)
     embed_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     report, _, _ = review_catalogue(cat, embeddings=emb, rows=rows)
@@ -135,6 +139,7 @@ def main():
     ap.add_argument("--with-model", default=None, help="embed with this trained checkpoint instead of the instant model")
     ap.add_argument("--train-minutes", type=float, default=0, help="first a Train click of this many minutes on the catalogue "
                     "with its mistakes, then embed with the model it made active")
+    ap.add_argument("--whitened", action="store_true", help="review the embeddings whitened by the catalogue's statistics")
     ap.add_argument("--synthetic", type=int, default=0, help="photos of synthetic embeddings (time and memory only)")
     ap.add_argument("--products", type=int, default=1000)
     args = ap.parse_args()
