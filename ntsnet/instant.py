@@ -171,19 +171,12 @@ class InstantIndex:
         """Plain cosine similarity to the closest prototype below which the answer is "unknown" (None: never)."""
         return self.view().threshold
 
-    def scores(self, embeddings: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """(products, whitened similarities that rank them, plain similarities that the unknown threshold reads)."""
-        view = self.view()
-        e = np.asarray(embeddings, np.float32)
-        if not view.names:
-            return [], np.zeros((len(e), 0), np.float32), np.zeros((len(e), 0), np.float32)
-        return view.names, view.whiten(e) @ view.protos.T, e @ view.plain.T
-
     def classify(self, embeddings: np.ndarray, top_k: int = 5) -> list[Prediction]:
-        names, ranked, plain = self.scores(embeddings)
-        if not names:
+        view = self.view()  # one state of the index for the whole call: names, ranking and threshold agree
+        if not view.names:
             raise ValueError("the instant index is empty: capture photos first")
-        threshold = self.threshold
+        names, threshold = view.names, view.threshold
+        ranked, plain = view.scores(embeddings)
         out = []
         for row, plain_row in zip(ranked, plain):
             logits = TEMPERATURE * (row - row.max())
@@ -249,13 +242,17 @@ class WhitenedView:
         self.names, self.plain = index.prototypes()
         self.threshold = None
         if not self.names:
-            self.whiten, self.protos = (lambda e: np.asarray(e, np.float32)), self.plain
             return
         ids = sorted(index.embeddings)
         raw = np.stack([index.embeddings[i] for i in ids])
         self.whiten = Whitening(raw)
         self.protos = whitened_prototypes(self.whiten, raw, [index.labels[i] for i in ids], self.names)
         self.threshold = self._calibrate(index)
+
+    def scores(self, embeddings) -> tuple[np.ndarray, np.ndarray]:
+        """(whitened similarities that rank the products, plain similarities that the unknown threshold reads)."""
+        e = np.asarray(embeddings, np.float32)
+        return self.whiten(e) @ self.protos.T, e @ self.plain.T
 
     def _calibrate(self, idx) -> float | None:
         if len(self.names) < 2:

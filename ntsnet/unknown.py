@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 
 LOGIT_SCORES = ("max_softmax", "max_logit", "energy")
-FEATURE_SCORES = ("knn", "prototype", "relative_mahalanobis")
 
 
 def unit_rows(x) -> np.ndarray:
@@ -37,19 +36,15 @@ def logit_score(logits, name: str) -> np.ndarray:
     raise ValueError(f"unknown logit score {name!r}: one of {', '.join(LOGIT_SCORES)}")
 
 
-def knn_similarity(queries, bank, k: int = 1, chunk: int = 4096, exclude=None) -> np.ndarray:
-    """(N,) cosine similarity of each query to its k-th nearest row of ``bank`` (both L2-normalised rows).
-    ``exclude``: (N,) bank row per query that must not count (the query itself in leave-one-out), or None."""
+def knn_similarity(queries, bank, k: int = 1, chunk: int = 4096) -> np.ndarray:
+    """(N,) cosine similarity of each query to its k-th nearest row of ``bank`` (both L2-normalised rows)."""
     q, b = np.asarray(queries, np.float32), np.asarray(bank, np.float32)
     if len(b) == 0:
         return np.full(len(q), -1.0)
-    k = max(1, min(k, len(b) - (exclude is not None)))
+    k = max(1, min(k, len(b)))
     out = np.empty(len(q), np.float64)
     for start in range(0, len(q), chunk):
         sims = q[start:start + chunk] @ b.T
-        if exclude is not None:
-            rows = np.arange(sims.shape[0])
-            sims[rows, np.asarray(exclude[start:start + chunk])] = -np.inf
         out[start:start + chunk] = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
     return out
 

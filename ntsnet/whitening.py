@@ -3,9 +3,9 @@
 ImageNet features spend most of their variance on what every product photo shares (a shelf, a hand, light); whitened
 by the catalogue's statistics, the directions that tell its products apart count as much as those. The covariance is
 shrunk towards the mean variance of the directions the photos vary in (``SHRINK``), which also weighs directions no
-photo varies in yet (a new catalogue has fewer photos than dimensions) like a direction of average variance. The prototype rule
-on whitened embeddings named the right grocery product more often and separated products nobody captured better
-than on raw ones (benchmarks/open_set.py, RESULTS.md).
+photo varies in yet (a new catalogue has fewer photos than dimensions) like a direction of average variance. The
+prototype rule on whitened embeddings named the right grocery product more often and separated products nobody
+captured better than on raw ones (benchmarks/open_set.py, RESULTS.md).
 """
 from __future__ import annotations
 
