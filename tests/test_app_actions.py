@@ -359,6 +359,9 @@ def test_an_unknown_product_is_added_from_the_frame_that_was_not_recognised(stud
     pixels = np.asarray(Image.open(studio.catalogue.image_path(stored["path"])).convert("RGB"), np.float32)
     blocks = lambda a: np.asarray(a, np.float32).reshape(30, 8, 30, 8, 3).mean((1, 3))  # noqa: E731  JPEG keeps 8x8 means
     assert pixels.shape == frame.shape and np.abs(blocks(pixels) - blocks(frame)).mean() < 3  # that frame, as stored
+    with pytest.raises(StudioError, match="Nothing added: duplicate"):  # the same frame again: no empty product left
+        studio.add_unknown_as_product("s1", "purple-tin")
+    assert "purple-tin" not in studio.product_names()
 
 
 def test_the_empty_scene_is_answered_as_nothing_to_recognise(studio, monkeypatch):

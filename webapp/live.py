@@ -247,7 +247,13 @@ class RecognitionActions:
             raise StudioError("No frame was answered “Not in the catalogue” in this session yet: show the product to "
                               "the camera (or upload its photo) first.")
         self.create_product(name, sku)
-        saved = self.save_photo(frame, name.strip(), source="webcam")
+        try:
+            saved = self.save_photo(frame, name.strip(), source="webcam")
+            if "duplicate" in saved["warnings"]:
+                raise StudioError(f"Nothing added: {saved['message'][len('Not saved: '):]}")
+        except StudioError:
+            self.catalogue.delete_product(name, confirm=True)  # all or nothing: no product without its photo
+            raise
         return {**saved, "message": f"Added “{name.strip()}” with its first photo: take a few more in Collect. " + saved["message"]}
 
     # --------------------------------------------------------------------------------- evaluate
