@@ -99,30 +99,30 @@ def summarise(scores: dict[str, np.ndarray], is_known: np.ndarray) -> dict[str, 
                    "rejected_at_95": round(rejected_at_kept(s[is_known], s[~is_known]), 4)} for name, s in scores.items()}
 
 
-def instant_draw(emb, names, splits, held) -> dict:
+def instant_top1(emb, names, bank, questions) -> dict:
+    """The instant model's top-1 on ``questions`` with prototypes of the ``bank`` photos: plain and whitened (its rule)."""
+    from ntsnet.unknown import unit_rows
     from ntsnet.whitening import Whitening, whitened_prototypes
 
+    classes = np.unique(names[bank])
+    plain = unit_rows(np.stack([emb[bank][names[bank] == c].mean(0) for c in classes]))
+    whiten = Whitening(emb[bank])
+    ranked = whiten(emb[questions]) @ whitened_prototypes(whiten, emb[bank], names[bank], classes).T
+    right = lambda sims: round(float((classes[sims.argmax(1)] == names[questions]).mean()), 4)  # noqa: E731
+    return {"top1_plain": right(emb[questions] @ plain.T), "top1_whitened": right(ranked)}
+
+
+def instant_draw(emb, names, splits, held) -> dict:
     known_mask = ~np.isin(names, held)
     bank = known_mask & (splits == "train")
     queries = splits == "val"
-    scores = feature_scores(emb[bank], names[bank], emb[queries])
-    result = summarise(scores, known_mask[queries])
-    classes = np.unique(names[bank])
-    protos = np.stack([emb[bank][names[bank] == c].mean(0) for c in classes])
-    kq = known_mask & (splits == "val")
-    result["top1_plain"] = float((classes[(emb[kq] @ protos.T).argmax(1)] == names[kq]).mean())
-    whiten = Whitening(emb[bank])
-    ranked = whiten(emb[kq]) @ whitened_prototypes(whiten, emb[bank], names[bank], classes).T
-    result["top1_whitened"] = float((classes[ranked.argmax(1)] == names[kq]).mean())
-    return result
+    result = summarise(feature_scores(emb[bank], names[bank], emb[queries]), known_mask[queries])
+    return {**result, **instant_top1(emb, names, bank, known_mask & queries)}
 
 
 def small_catalogues(emb, names, splits, coarse, groups=("Milk", "Juice", "Yoghurt", "all"), per_product=14) -> dict:
     """The instant model's top-1 on train_click.py's small catalogues (the first ``per_product`` training photos of
     each product of a coarse class, its val photos as the questions): plain and whitened prototypes."""
-    from ntsnet.unknown import unit_rows
-    from ntsnet.whitening import Whitening, whitened_prototypes
-
     out = {}
     for group in groups:
         chosen = np.array([group == "all" or coarse[n] == group for n in names])
@@ -132,13 +132,7 @@ def small_catalogues(emb, names, splits, coarse, groups=("Milk", "Juice", "Yoghu
                 bank.append(i)
                 counts[names[i]] = counts.get(names[i], 0) + 1
         bank, q = np.array(bank), np.flatnonzero(chosen & (splits == "val"))
-        classes = np.unique(names[bank])
-        plain = unit_rows(np.stack([emb[bank][names[bank] == c].mean(0) for c in classes]))
-        whiten = Whitening(emb[bank])
-        ranked = whiten(emb[q]) @ whitened_prototypes(whiten, emb[bank], names[bank], classes).T
-        out[group] = {"products": len(classes), "questions": len(q),
-                      "top1_plain": round(float((classes[(emb[q] @ plain.T).argmax(1)] == names[q]).mean()), 4),
-                      "top1_whitened": round(float((classes[ranked.argmax(1)] == names[q]).mean()), 4)}
+        out[group] = {"products": len(np.unique(names[bank])), "questions": len(q), **instant_top1(emb, names, bank, q)}
     return out
 
 
