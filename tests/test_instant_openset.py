@@ -144,10 +144,15 @@ def test_ntsnet_stores_a_threshold_and_reports_open_set(tmp_path, monkeypatch):
     p = pred.predict(draw_product(rng, "red-box"))
     assert p.unknown and p.label == "unknown" and p.best_guess in ("red-box", "blue-can")
     rep = evaluate(tmp_path / "run" / "best.safetensors", cat.root, split="test", conditions=("clean",), progress=False,
-                   unknown_products=["green-pack"])
+                   unknown_products=["green-pack"], out_dir=tmp_path / "ev")
     o = rep["open_set"]
     assert o["n_unknown"] == 15 and o["n_known"] == rep["n"] and 0.0 <= o["auroc"] <= 1.0
     assert [r["coverage"] for r in o["coverage"]][-1] == "stored"
+    assert len(o["known_scores"]) == o["n_known"] and len(o["unknown_scores"]) == 15
+    from webapp.tabs.evaluate import report_tables  # the Evaluate tab's picture of the two score distributions
+
+    picture = report_tables({**rep, "confusion_png": str(tmp_path / "ev" / "confusion.png")}, "test")[-1]
+    assert picture.ndim == 3 and picture.shape[0] > 100 and (tmp_path / "ev" / "open_set.png").exists()
     with pytest.raises(ValueError, match="one of the model's products"):
         evaluate(tmp_path / "run" / "best.safetensors", cat.root, split="test", progress=False, unknown_products=["red-box"])
 

@@ -192,7 +192,9 @@ def evaluate(checkpoint, db, split: str = "test", out_dir=None, conditions=CONDI
         correct = [t == p for t, p in zip(clean_preds[1], clean_preds[2])]
         report["open_set"] = {"unknown_products": list(unknown_products), "n_unknown": len(u_scores), "n_known": len(known_scores),
                               "score": "max_softmax", "auroc": auroc(known_scores, u_scores), "threshold": predictor.unknown_threshold,
-                              "coverage": coverage_table(known_scores, correct, u_scores, predictor.unknown_threshold)}
+                              "coverage": coverage_table(known_scores, correct, u_scores, predictor.unknown_threshold),
+                              "known_scores": [round(float(v), 5) for v in known_scores],
+                              "unknown_scores": [round(float(v), 5) for v in u_scores]}
     if out_dir is not None:
         write_report_files(report, Path(out_dir))
     return report
@@ -207,6 +209,8 @@ def write_report_files(report: dict, out_dir: Path):
         for name, row in zip(names, report["confusion"]):
             w.writerow([name, *row])
     plot_confusion(report["confusion"], names, out_dir / "confusion.png")
+    if report.get("open_set"):
+        plot_open_set(report["open_set"], out_dir / "open_set.png")
     (out_dir / "evaluation.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
 
 
@@ -233,6 +237,29 @@ def plot_confusion(confusion, names, path: Path):
                 if cm[i, j]:
                     ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
     ax.set_title("confusion matrix (row-normalised)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_open_set(o: dict, path: Path):
+    """Known and unknown products' scores as two histograms, the stored threshold as a line: where they overlap,
+    no threshold can tell them apart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    bins = np.linspace(0, 1, 41)
+    ax.hist(o["known_scores"], bins=bins, alpha=0.6, density=True, label=f"known products ({o['n_known']})")
+    ax.hist(o["unknown_scores"], bins=bins, alpha=0.6, density=True, label=f"unknown products ({o['n_unknown']})")
+    if o.get("threshold") is not None:
+        ax.axvline(o["threshold"], color="black", linestyle="--", label="stored threshold")
+    ax.set_xlabel(f"score ({o['score']}); below the threshold: 'not in the catalogue'")
+    ax.set_yticks([])
+    ax.set_title(f"unknown products: AUROC {o['auroc']:.3f}")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
