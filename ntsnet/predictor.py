@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,15 @@ class Prediction:
     def __post_init__(self):
         if self.best_guess == EMPTY_SCENE or (not self.best_guess and self.label == EMPTY_SCENE):
             self.nothing, self.unknown, self.label = True, False, EMPTY_SCENE  # an empty scene is never "unknown"
+
+    def without_empty_scene(self) -> "Prediction":
+        """The answer when the empty scene is ruled out (something is in view): the best product, at its own
+        (low) confidence; the empty scene alone ranked: "unknown"."""
+        top = [(n, p) for n, p in self.top5 if n != EMPTY_SCENE]
+        if not top:
+            return replace(self, label="unknown", unknown=True, nothing=False, best_guess="", top5=[], confidence=0.0)
+        return replace(self, label=top[0][0], confidence=top[0][1], top5=top, best_guess=top[0][0], nothing=False,
+                       unknown=False, score=top[0][1])
 
     def to_dict(self) -> dict:
         return {

@@ -405,3 +405,37 @@ def test_a_trained_model_that_knows_the_empty_scene_answers_nothing(tiny_checkpo
     assert p.nothing and not p.unknown and p.label == EMPTY_SCENE and p.to_dict()["nothing"]
     other = predictor.predict(shot(4, "blue-can"))
     assert not other.nothing and other.unknown
+
+
+def test_the_captured_empty_scene_answers_nothing_before_any_model_runs(studio, monkeypatch):
+    """The camera's empty scene in other light is "nothing to recognise" from the frame alone (the model is never
+    asked); a product put into that scene is still the model's to name; another camera's frame is not "empty"."""
+    from synthetic import counter_scene, packet, place, relit
+
+    from ntsnet.predictor import EMPTY_SCENE
+    from webapp import capture, empty_scene
+
+    fill(studio, n=6)
+    scene = counter_scene(11)
+    clock = [0.0]
+    monkeypatch.setattr(capture.time, "monotonic", lambda: clock[0])
+    frames = iter([relit(scene, i) for i in range(12)])
+    list(studio.capture_empty_scene(lambda: next(frames, None), sleep=lambda s: clock.__setitem__(0, clock[0] + s)))
+    assert studio.photo_count(EMPTY_SCENE) >= 2
+    monkeypatch.setattr(empty_scene, "RECHECK_S", 0.0)
+    asked = []
+    real = studio.instant.predict
+    monkeypatch.setattr(studio.instant, "predict", lambda image: asked.append(1) or real(image))
+    for i, light in enumerate([dict(gain=0.7), dict(gain=1.3, ramp=0.2), dict(balance=(1.1, 1.0, 0.9), shadow=0.75)]):
+        r = studio.recognise(relit(scene, 100 + i, **light), wait=True)
+        assert r.label.startswith("Nothing to recognise"), r.label
+    assert asked == []
+    r = studio.recognise(relit(place(scene, packet(1, colour=(220, 40, 40)), 120, 80), 200), wait=True)
+    assert asked == [1] and not r.label.startswith("Nothing to recognise")
+    from ntsnet.predictor import Prediction  # a model that takes a small product for the scene is overruled
+    took_for_scene = Prediction(EMPTY_SCENE, 0.7, [(EMPTY_SCENE, 0.7), ("red-box", 0.2)], best_guess=EMPTY_SCENE)
+    monkeypatch.setattr(studio.instant, "predict", lambda image: asked.append(1) or took_for_scene)
+    r = studio.recognise(relit(place(scene, packet(2, colour=(220, 40, 40)), 20, 20), 201), wait=True)
+    assert r.label.startswith("Not sure (best guess red-box") and not r.sure
+    r = studio.recognise(np.full((300, 300, 3), 128, np.uint8), wait=True)  # another camera's frame: the model decides
+    assert asked == [1, 1, 1] and r.label.startswith("Nothing to recognise")

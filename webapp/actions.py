@@ -16,6 +16,7 @@ from pathlib import Path
 from dataset_tools import Catalogue
 
 from .capture import CatalogueActions
+from .empty_scene import EmptySceneGate
 from .labelling import LabellingActions
 from .common import (CONDITION_TAGS, MAX_BURST_SECONDS, MAX_UPLOAD_FILES, MAX_UPLOAD_MB, MIN_PHOTOS_PER_PRODUCT,  # noqa: F401
                      THUMBNAIL_PX, StudioError)
@@ -43,6 +44,7 @@ class Studio(CatalogueActions, LabellingActions, TrainingActions, RecognitionAct
         self._live = LiveAnswers()
         self._unknown_frames = SessionMemory(keep_seconds=300)  # each session's last frame answered "not in the catalogue"
         self._live_worker = None
+        self._empty_scene = EmptySceneGate(self.catalogue)
         self._review_cache, self._review_lock = None, threading.Lock()
         if checkpoint:
             self._activate(checkpoint, pin=False)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ntsnet.device import release_cached_memory
 from ntsnet.draw import draw_prediction
+from ntsnet.predictor import EMPTY_SCENE, Prediction
 from training import active
 
 from . import common
@@ -209,7 +210,13 @@ class RecognitionActions:
             return None
         t0 = time.perf_counter()
         reuse = live and hasattr(predictor, "unknown_threshold")  # a trained model: reuse still parts between frames
-        pred = predictor.predict(rgb, memory=self._live.memory(session, predictor)) if reuse else predictor.predict(rgb)
+        empty = self._empty_scene.verdict(rgb)
+        if empty:  # the captured empty scene: no model needed to say "nothing here"
+            pred = Prediction(EMPTY_SCENE, 1.0, [(EMPTY_SCENE, 1.0)], image_size=(rgb.shape[1], rgb.shape[0]))
+        else:
+            pred = predictor.predict(rgb, memory=self._live.memory(session, predictor)) if reuse else predictor.predict(rgb)
+            if empty is False and pred.nothing:  # something is in view that the model took for the scene (small, far)
+                pred = pred.without_empty_scene()
         answer = (pred, model, getattr(predictor, "backend_name", backend))
         self._live.answered(session, answer, time.perf_counter() - t0)
         return answer
