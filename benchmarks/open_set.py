@@ -215,13 +215,38 @@ def calibration_check(heads, probs, class_names, query_names, is_known) -> dict:
             "known_kept": round(kept, 4), "stand_in_rejected": round(rejected, 4), "real_rejected": round(float((real < t).mean()), 4)}
 
 
+def cost(photos: int, products: int):
+    """What the instant model's rule costs at catalogue scale: one frame's answer and a refit, on random clustered
+    unit vectors (the cost, not the quality)."""
+    from ntsnet.instant import InstantIndex
+
+    from common import median_ms
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((products, 1280)).astype(np.float32)
+    labels = rng.integers(products, size=photos)
+    emb = centres[labels] + 2.0 * rng.standard_normal((photos, 1280)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    index = InstantIndex.from_embeddings(zip(range(photos), [f"p{k}" for k in labels], emb))
+    t0 = time.perf_counter()
+    index.view()
+    refit = time.perf_counter() - t0
+    frame = emb[:1]
+    ms = median_ms(lambda: index.classify(frame), runs=50, warmup=3)
+    print(f"{photos} photos, {products} products: one frame's answer {ms:.2f} ms (ranking and the unknown rule), "
+          f"refit after edits {refit:.1f} s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cost", default=None, metavar="PHOTOS,PRODUCTS", help="only time the rule at this catalogue size")
     ap.add_argument("--work", default="/tmp/open-set")
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--run", action="append", default=[], help="a Train job's run dir (trained with --exclude-products)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.cost:
+        return cost(*map(int, args.cost.split(",")))
     work = Path(args.work)
     db = work / "catalogue"
     if not db.exists():

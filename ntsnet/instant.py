@@ -36,6 +36,7 @@ INDEX_FILE = "instant_index.safetensors"
 TEMPERATURE = 20.0   # cosine similarity -> softmax sharpness for the reported confidence
 SAVE_EVERY_S = 5.0   # captures in a burst share one write of the index file
 REFIT_EVERY_S = 5.0  # a large index refits its whitening at most this often while photos keep coming
+BACKGROUND_REFIT_ABOVE = 5000  # photos: above this a refit takes seconds and runs beside the answers
 
 
 class Embedder:
@@ -111,30 +112,35 @@ class InstantIndex:
         self.counts: dict[str, int] = {}
         self.version = 0                              # bumped by every edit: the whitened view is refitted from it
         self._view: WhitenedView | None = None
+        self._lock = threading.RLock()                # captures edit while the live worker classifies
+        self._refitting: threading.Thread | None = None
 
     # ---------------------------------------------------------------------------- incremental edits
     def add(self, image_id: int, product: str, embedding: np.ndarray):
-        if image_id in self.embeddings:
-            self.remove(image_id)
-        e = np.asarray(embedding, np.float32)
-        self.embeddings[image_id], self.labels[image_id] = e, product
-        self.sums[product] = self.sums.get(product, np.zeros(e.shape, np.float64)) + e.astype(np.float64)
-        self.counts[product] = self.counts.get(product, 0) + 1
-        self.version += 1
+        with self._lock:
+            if image_id in self.embeddings:
+                self.remove(image_id)
+            e = np.asarray(embedding, np.float32)
+            self.embeddings[image_id], self.labels[image_id] = e, product
+            self.sums[product] = self.sums.get(product, np.zeros(e.shape, np.float64)) + e.astype(np.float64)
+            self.counts[product] = self.counts.get(product, 0) + 1
+            self.version += 1
 
     def remove(self, image_id: int):
-        e, product = self.embeddings.pop(image_id), self.labels.pop(image_id)
-        self.counts[product] -= 1
-        if self.counts[product] == 0:
-            del self.counts[product], self.sums[product]
-        else:
-            self.sums[product] = self.sums[product] - e.astype(np.float64)
-        self.version += 1
+        with self._lock:
+            e, product = self.embeddings.pop(image_id), self.labels.pop(image_id)
+            self.counts[product] -= 1
+            if self.counts[product] == 0:
+                del self.counts[product], self.sums[product]
+            else:
+                self.sums[product] = self.sums[product] - e.astype(np.float64)
+            self.version += 1
 
     def relabel(self, image_id: int, product: str):
-        e = self.embeddings[image_id]
-        self.remove(image_id)
-        self.add(image_id, product, e)
+        with self._lock:
+            e = self.embeddings[image_id]
+            self.remove(image_id)
+            self.add(image_id, product, e)
 
     @classmethod
     def from_embeddings(cls, items, backbone: str = "efficientnet_lite0") -> "InstantIndex":
@@ -149,22 +155,37 @@ class InstantIndex:
         return sorted(self.counts)
 
     def prototypes(self) -> tuple[list[str], np.ndarray]:
-        names = self.products
-        if not names:
-            return [], np.zeros((0, 0), np.float32)
-        protos = np.stack([self.sums[n] / self.counts[n] for n in names])
-        protos /= np.linalg.norm(protos, axis=1, keepdims=True) + 1e-12
-        return names, protos.astype(np.float32)
+        return self.snapshot().prototypes()
+
+    def snapshot(self) -> "IndexSnapshot":
+        with self._lock:
+            return IndexSnapshot(self)
 
     def view(self) -> "WhitenedView":
-        """The rule that answers: whitened prototypes and their threshold, refitted after edits (in a long burst on a
-        large catalogue at most every REFIT_EVERY_S seconds, or when a tenth of the photos changed)."""
+        """The rule that answers: whitened prototypes and their threshold, refitted after edits. On a large
+        catalogue at most every REFIT_EVERY_S seconds in a long burst, and (above BACKGROUND_REFIT_ABOVE photos) in
+        a background thread while the previous fit keeps answering."""
         view = self._view
-        if view is None or view.version != self.version:
-            n = len(self.embeddings)
-            if view is None or n <= 512 or abs(n - view.photos) > 0.1 * view.photos or time.monotonic() - view.made > REFIT_EVERY_S:
-                view = self._view = WhitenedView(self)
+        if view is not None and view.version == self.version:
+            return view
+        n = len(self.embeddings)
+        if view is not None and n > 512 and time.monotonic() - view.made < REFIT_EVERY_S:
+            return view
+        if view is None or n <= BACKGROUND_REFIT_ABOVE:
+            view = self._view = WhitenedView(self.snapshot())
+            return view
+        with self._lock:
+            if self._refitting is None or not self._refitting.is_alive():
+                snap = IndexSnapshot(self)
+                self._refitting = threading.Thread(target=self._refit, args=(snap,), name="ntsnet-instant-refit", daemon=True)
+                self._refitting.start()
         return view
+
+    def _refit(self, snap: "IndexSnapshot"):
+        fitted = WhitenedView(snap)
+        with self._lock:
+            if self._view is None or self._view.version < fitted.version:
+                self._view = fitted
 
     @property
     def threshold(self) -> float | None:
@@ -226,6 +247,25 @@ def calibrate_threshold(known_best_scores, keep: float = 0.95) -> float:
     return float(np.quantile(scores, 1.0 - keep))
 
 
+class IndexSnapshot:
+    """The index at one version, copied under its lock: a refit reads it while captures keep editing the index."""
+
+    def __init__(self, index: "InstantIndex"):
+        ids = sorted(index.embeddings)
+        self.version = index.version
+        self.raw = np.stack([index.embeddings[i] for i in ids]) if ids else np.zeros((0, 1), np.float32)
+        self.labels = [index.labels[i] for i in ids]
+        self.counts, self.sums = dict(index.counts), dict(index.sums)  # sums are replaced on edit, never changed in place
+
+    def prototypes(self) -> tuple[list[str], np.ndarray]:
+        names = sorted(self.counts)
+        if not names:
+            return [], np.zeros((0, 0), np.float32)
+        protos = np.stack([self.sums[n] / self.counts[n] for n in names])
+        protos /= np.linalg.norm(protos, axis=1, keepdims=True) + 1e-12
+        return names, protos.astype(np.float32)
+
+
 class WhitenedView:
     """What the instant model answers with for one state of its index. Which product: the highest cosine similarity
     to a product's prototype, both whitened by the catalogue's own statistics (ntsnet/whitening.py). Whether it is
@@ -237,37 +277,37 @@ class WhitenedView:
     few photos make the first optimistic, and the midpoint leaves room for that. (Whitened similarities cannot be
     calibrated so: a photo left out of its prototype still shaped the whitening.)"""
 
-    def __init__(self, index: "InstantIndex"):
-        self.version, self.photos, self.made = index.version, len(index.embeddings), time.monotonic()
-        self.names, self.plain = index.prototypes()
+    def __init__(self, snap: "IndexSnapshot"):
+        self.version, self.photos, self.made = snap.version, len(snap.labels), time.monotonic()
+        self.names, self.plain = snap.prototypes()
         self.threshold = None
         if not self.names:
             return
-        ids = sorted(index.embeddings)
-        raw = np.stack([index.embeddings[i] for i in ids])
-        self.whiten = Whitening(raw)
-        self.protos = whitened_prototypes(self.whiten, raw, [index.labels[i] for i in ids], self.names)
-        self.threshold = self._calibrate(index)
+        self.whiten = Whitening(snap.raw)
+        self.protos = whitened_prototypes(self.whiten, snap.raw, snap.labels, self.names)
+        self.threshold = self._calibrate(snap)
 
     def scores(self, embeddings) -> tuple[np.ndarray, np.ndarray]:
         """(whitened similarities that rank the products, plain similarities that the unknown threshold reads)."""
         e = np.asarray(embeddings, np.float32)
         return self.whiten(e) @ self.protos.T, e @ self.plain.T
 
-    def _calibrate(self, idx) -> float | None:
+    def _calibrate(self, snap: "IndexSnapshot") -> float | None:
         if len(self.names) < 2:
             return None
-        ids = [i for i in idx.embeddings if idx.counts[idx.labels[i]] >= 2]
-        if not ids:
+        rows = [k for k, label in enumerate(snap.labels) if snap.counts[label] >= 2]
+        if not rows:
             return None
-        emb = np.stack([idx.embeddings[i] for i in ids]).astype(np.float64)
+        emb = snap.raw[rows]
+        labels = [snap.labels[k] for k in rows]
         col = {n: j for j, n in enumerate(self.names)}
-        own_col = np.array([col[idx.labels[i]] for i in ids])
-        counts = np.array([idx.counts[idx.labels[i]] for i in ids], np.float64)[:, None]
-        loo = (np.stack([idx.sums[idx.labels[i]] for i in ids]) - emb) / (counts - 1)   # own prototype without the photo
+        own_col = np.array([col[label] for label in labels])
+        counts = np.array([snap.counts[label] for label in labels], np.float64)[:, None]
+        sums = np.stack([snap.sums[n] for n in self.names])
+        loo = (sums[own_col] - emb) / (counts - 1)   # own prototype without the photo
         own = np.einsum("nd,nd->n", emb, loo / (np.linalg.norm(loo, axis=1, keepdims=True) + 1e-12))
-        sims = emb @ self.plain.T.astype(np.float64)
-        sims[np.arange(len(ids)), own_col] = -np.inf
+        sims = emb @ self.plain.T
+        sims[np.arange(len(rows)), own_col] = -np.inf
         other = sims.max(axis=1)
         known_low = calibrate_threshold(own, keep=0.95)
         other_high = float(np.quantile(other, 0.95))
@@ -337,7 +377,14 @@ class InstantRecogniser:
         return len(self.index.products) >= 2
 
     def predict(self, image) -> Prediction:
-        rgb = to_rgb_array(image)
-        pred = self.index.classify(self.embedder([rgb]))[0]
-        pred.image_size = (rgb.shape[1], rgb.shape[0])
-        return pred
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images) -> list[Prediction]:
+        """Several photos (a checkout's items) in one call."""
+        arrays = [to_rgb_array(im) for im in images]
+        if not arrays:
+            return []
+        preds = self.index.classify(self.embedder(arrays))
+        for pred, rgb in zip(preds, arrays):
+            pred.image_size = (rgb.shape[1], rgb.shape[0])
+        return preds

@@ -19,20 +19,20 @@ class Whitening:
     when N < D (a new catalogue), the D x D covariance otherwise: the same transform either way."""
 
     def __init__(self, embeddings, shrink: float = SHRINK):
-        x = np.asarray(embeddings, np.float64)
+        x = np.asarray(embeddings, np.float32)  # products of float32 unit vectors: float32 sums suffice, 4x faster
         n, d = x.shape
-        self.mean = x.mean(0) if n else np.zeros(d)
-        centred = x - self.mean
+        self.mean = x.mean(0, dtype=np.float64) if n else np.zeros(d)
+        centred = x - self.mean.astype(np.float32)
         if n < 2:
             self.alpha, self.vectors, self.gains = 1.0, np.zeros((d, 0)), np.zeros(0)
             return
         if n < d:  # eigenpairs of the covariance from those of the Gram matrix
-            lam, u = np.linalg.eigh(centred @ centred.T / (n - 1))
-            keep = lam > lam.max() * 1e-10
+            lam, u = np.linalg.eigh((centred @ centred.T).astype(np.float64) / (n - 1))
+            keep = lam > lam.max() * 1e-6
             lam, u = lam[keep], u[:, keep]
-            vectors = centred.T @ u / np.sqrt(lam * (n - 1))
+            vectors = centred.astype(np.float64).T @ u / np.sqrt(lam * (n - 1))
         else:
-            lam, vectors = np.linalg.eigh(centred.T @ centred / (n - 1))
+            lam, vectors = np.linalg.eigh((centred.T @ centred).astype(np.float64) / (n - 1))
             lam = np.clip(lam, 0, None)
         # the mean variance of the directions the photos span: with fewer photos than dimensions, the rest would
         # otherwise drag it down and the directions no photo varies in would swamp the ones they do
@@ -41,16 +41,29 @@ class Whitening:
         self.vectors = vectors
         # (C + aI)^(-1/2) = a^(-1/2) I + V (diag((lam + a)^(-1/2)) - a^(-1/2)) V^T
         self.gains = 1 / np.sqrt(lam + self.alpha) - 1 / np.sqrt(self.alpha)
+        self._mean32, self._scale = self.mean.astype(np.float32), np.float32(1 / np.sqrt(self.alpha))
+        self._vectors32, self._gains32, self._matrix = self.vectors.astype(np.float32), self.gains.astype(np.float32), None
+        if self.vectors.shape[1] > d // 2:  # one D x D product is cheaper than two thin ones
+            self._matrix = (np.eye(d) / np.sqrt(self.alpha) + (self.vectors * self.gains) @ self.vectors.T).astype(np.float32)
 
     def __call__(self, embeddings) -> np.ndarray:
-        x = np.asarray(embeddings, np.float64) - self.mean
-        w = x / np.sqrt(self.alpha) + ((x @ self.vectors) * self.gains) @ self.vectors.T
-        return (w / (np.linalg.norm(w, axis=1, keepdims=True) + 1e-12)).astype(np.float32)
+        x = np.asarray(embeddings, np.float32) - self._mean32
+        if self._matrix is not None:
+            w = x @ self._matrix
+        else:
+            w = x * self._scale + ((x @ self._vectors32) * self._gains32) @ self._vectors32.T
+        return w / (np.linalg.norm(w, axis=1, keepdims=True) + 1e-12)
 
 
 def whitened_prototypes(whiten: Whitening, embeddings, labels, classes) -> np.ndarray:
     """(len(classes), D) unit prototypes: each class's mean of its whitened unit embeddings, normalised again."""
     w = whiten(embeddings)
-    labels = np.asarray(labels)
-    protos = np.stack([w[labels == c].mean(0) if (labels == c).any() else np.zeros(w.shape[1]) for c in classes])
+    row = {c: k for k, c in enumerate(classes)}
+    which = np.array([row.get(label, -1) for label in labels])
+    order = np.argsort(which, kind="stable")
+    order = order[which[order] >= 0]
+    present, starts, counts = np.unique(which[order], return_index=True, return_counts=True)
+    protos = np.zeros((len(classes), w.shape[1]), np.float64)
+    if len(order):  # each class's rows summed in one pass over the rows sorted by class
+        protos[present] = np.add.reduceat(w[order], starts, axis=0) / counts[:, None]
     return (protos / (np.linalg.norm(protos, axis=1, keepdims=True) + 1e-12)).astype(np.float32)

@@ -191,3 +191,38 @@ def test_whitening_finds_the_products_under_what_every_photo_shares():
     alpha = 0.3 * lam[lam > lam.max() * 1e-10].mean()
     w = (queries - bank[:10].mean(0)) @ vec @ np.diag(1 / np.sqrt(np.clip(lam, 0, None) + alpha)) @ vec.T
     np.testing.assert_allclose(few(queries), w / np.linalg.norm(w, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_a_large_index_refits_beside_the_answers_and_edits_never_break_a_query(monkeypatch):
+    """Above BACKGROUND_REFIT_ABOVE photos a refit takes seconds: the previous fit keeps answering while a thread
+    makes the new one from a snapshot; captures adding photos while the live worker classifies never break it."""
+    import threading
+
+    from ntsnet import instant
+
+    monkeypatch.setattr(instant, "BACKGROUND_REFIT_ABOVE", 20)
+    monkeypatch.setattr(instant, "REFIT_EVERY_S", 0.0)
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((3, 32))
+    unit = lambda v: (v / np.linalg.norm(v)).astype(np.float32)  # noqa: E731
+    index = instant.InstantIndex.from_embeddings((i, f"p{i % 3}", unit(centres[i % 3] + rng.standard_normal(32))) for i in range(30))
+    first = index.view()
+    index.add(100, "p3", unit(rng.standard_normal(32)))
+    assert index.view() is first  # answered at once by the fit it had
+    index._refitting.join(10)
+    assert index.view().version == index.version and "p3" in index.view().names
+    errors = []
+
+    def capture():
+        try:
+            for i in range(200, 400):
+                index.add(i, f"p{i % 4}", unit(rng.standard_normal(32)))
+        except Exception as exc:  # pragma: no cover - what the test is for
+            errors.append(exc)
+
+    t = threading.Thread(target=capture)
+    t.start()
+    for _ in range(200):
+        index.classify(unit(rng.standard_normal(32))[None])
+    t.join()
+    assert not errors
