@@ -11,7 +11,7 @@ import os
 import gradio as gr
 
 from webapp.actions import MAX_UPLOAD_MB, Studio
-from webapp.tabs import collect, evaluate, label, recognise, review, train
+from webapp.tabs import checkout, collect, evaluate, label, recognise, review, train
 from webapp.tabs.common import Screen
 
 TITLE = "Product recogniser (NTS-Net)"
@@ -32,6 +32,8 @@ def build_app(studio: Studio, allow_capture: bool = True, allow_training: bool =
         if allow_training:
             train.build(studio, screen)
         recognise.build(studio, live_fps, screen, product)
+        if allow_capture:  # learning the counter writes beside the catalogue
+            checkout.build(studio, live_fps)
         if allow_capture:
             evaluate.build(studio)
             demo.load(lambda: (screen.status_line(), screen.product_choices()), None, [screen.header, product])

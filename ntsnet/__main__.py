@@ -1,4 +1,4 @@
-"""Command line: ``python -m ntsnet predict|draw|live``."""
+"""Command line: ``python -m ntsnet predict|draw|live|checkout|push|space``."""
 from __future__ import annotations
 
 import argparse
@@ -82,6 +82,28 @@ def cmd_live(args) -> int:
     return 0
 
 
+def cmd_checkout(args) -> int:
+    # the one command that reads a catalogue: it answers as the app does, so it borrows the app's actions
+    from webapp.actions import Studio, StudioError
+
+    studio = Studio(args.db, allow_training=False)
+    recogniser = _load_predictor(args) if args.checkpoint else None
+    try:
+        answers = studio.checkout_scenes(args.scenes, background=args.background, recogniser=recogniser)
+    except StudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answers, ensure_ascii=False, indent=1))
+    for a in answers:
+        if "error" in a:
+            print(f"error: {a['path']}: {a['error']}", file=sys.stderr)
+        elif not args.json:
+            basket = ", ".join(f"{n} x {p}" for p, n in a["basket"].items()) or "nothing"
+            print(f"{a['path']}: {basket}" + (f" ({a['problem']})" if a.get("problem") else ""))
+    return 1 if any("error" in a for a in answers) else 0
+
+
 def cmd_push(args) -> int:
     from .hub import push_model
 
@@ -128,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-window", action="store_true", help="do not open a window even if a display exists")
     p.add_argument("--max-frames", type=int, default=None)
     p.set_defaults(func=cmd_live)
+
+    p = sub.add_parser("checkout", help="every item on photos of a checkout counter, named, and the basket")
+    p.add_argument("--db", required=True, help="the catalogue (its active model answers unless --checkpoint is given)")
+    p.add_argument("--checkpoint", default=None, help="a trained .safetensors checkpoint, or hf://user/name")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"])
+    p.add_argument("--background", required=True, help="a photo of the empty counter from the same camera, or a folder of them")
+    p.add_argument("--json", action="store_true", help="a JSON list, one object per scene, in the order given")
+    p.add_argument("scenes", nargs="+", help="photos of the counter, or folders of them")
+    p.set_defaults(func=cmd_checkout)
 
     p = sub.add_parser("push", help="upload a checkpoint with a generated model card to the Hugging Face Hub")
     p.add_argument("--checkpoint", required=True)

@@ -38,3 +38,32 @@ def draw_prediction(image: np.ndarray, pred: Prediction, fps: float | None = Non
     cv2.rectangle(out, (0, 0), (w, bar_h), (0, 0, 0), -1)
     _text(out, banner, (6, pad + text_h), scale, (255, 255, 255), thick)
     return out
+
+
+KNOWN, UNKNOWN, WAITING = (40, 200, 80), (255, 150, 0), (170, 170, 170)
+
+
+def draw_checkout(image: np.ndarray, items, counted=None, banner: str = "") -> np.ndarray:
+    """A copy of ``image`` with each checkout item's box and name (orange: not in the catalogue; grey: not counted
+    yet, still settling), its Navigator parts as thin boxes inside, and ``banner`` across the top.
+    ``counted``: a bool per item (None: all drawn as counted)."""
+    out = np.ascontiguousarray(image.copy())
+    h, w = out.shape[:2]
+    unit = max(h, w) / 640.0
+    thick, scale = max(1, int(round(2 * unit))), max(0.4, 0.5 * unit)
+    for n, it in enumerate(items):
+        colour = UNKNOWN if it.unknown else KNOWN
+        if counted is not None and not counted[n]:
+            colour = WAITING
+        for p in it.parts:
+            cv2.rectangle(out, (int(p.x0), int(p.y0)), (int(p.x1) - 1, int(p.y1) - 1), colour, 1)
+        x0, y0, x1, y1 = it.box
+        cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), colour, thick)
+        name = f"? {it.best_guess}" if it.unknown else f"{it.label} {it.confidence:.0%}"
+        _text(out, name, (x0 + 2, max(int(14 * unit), y0 - 4)), scale, colour, max(1, thick - 1))
+    if banner:
+        (_, text_h), baseline = cv2.getTextSize(banner, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        bar = text_h + baseline + 8
+        cv2.rectangle(out, (0, 0), (w, bar), (0, 0, 0), -1)
+        _text(out, banner, (6, 4 + text_h), scale, (255, 255, 255), thick)
+    return out

@@ -261,7 +261,7 @@ def test_app_builds_and_parses_its_flags(studio):
 
     demo = app.build_app(studio)
     labels = [b.label for b in demo.blocks.values() if b.__class__.__name__ == "Tab"]
-    assert labels == ["Collect", "Label", "Review", "Train", "Recognise", "Evaluate"]
+    assert labels == ["Collect", "Label", "Review", "Train", "Recognise", "Checkout", "Evaluate"]
     args = app.parse_args(["--db", "x", "--port", "9999", "--auth", "a:b", "--no-capture"])
     assert args.port == 9999 and args.auth == "a:b" and args.no_capture
 

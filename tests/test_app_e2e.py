@@ -45,24 +45,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
+def start_app(tmp: Path, db: Path):
+    """``python app.py`` on a free port; returns (process, url) once it listens."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "app.py", "--db", str(tmp / "catalogue"), "--port", str(port)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "app.py", "--db", str(db), "--port", str(port)], cwd=ROOT, env=env,
                             stdout=open(tmp / "app.log", "wb"), stderr=subprocess.STDOUT)
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            return proc, f"http://127.0.0.1:{port}"
         except OSError:
             time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("app did not start: " + (tmp / "app.log").read_text()[-2000:])
-    yield {"url": f"http://127.0.0.1:{port}", "tmp": tmp, "db": tmp / "catalogue"}
+    proc.kill()
+    pytest.fail("app did not start: " + (tmp / "app.log").read_text()[-2000:])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    proc, url = start_app(tmp, tmp / "catalogue")
+    yield {"url": url, "tmp": tmp, "db": tmp / "catalogue"}
     proc.terminate()
     proc.wait(timeout=30)
     from training import jobs
@@ -204,4 +208,69 @@ def test_capture_train_and_recognise_live(server, tmp_path):
         shot(page, "evaluate")
         browser.close()
     log = (server["tmp"] / "app.log").read_text(errors="replace")
+    assert "Traceback" not in log, log[log.index("Traceback"):][:3000]
+
+
+def write_counter_y4m(path: Path, segments, w=320, h=240, fps=10):
+    """A fixed camera over a counter: each segment is (frames, the packets on it as (colour, x, y))."""
+    from synthetic import counter_scene, on_counter
+
+    scene = counter_scene(3, h, w)
+    with open(path, "wb") as fh:
+        fh.write(f"YUV4MPEG2 W{w} H{h} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+        n = 0
+        for frames, placed in segments:
+            for _ in range(frames):
+                rgb = on_counter(scene, *placed, seed=n)
+                fh.write(b"FRAME\n" + cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420).tobytes())
+                n += 1
+
+
+def test_checkout_learns_the_counter_and_counts_items_put_down_one_by_one(tmp_path):
+    """The Checkout tab with a fake camera: the empty counter is learnt, then a packet is put down, then a second
+    one beside it; the basket lists one, then both. The products were captured as counter photos (the instant model)."""
+    from playwright.sync_api import sync_playwright
+    from synthetic import counter_photo, counter_scene
+    from webapp.actions import Studio
+
+    blue, green = (40, 60, 200), (40, 170, 60)
+    studio = Studio(tmp_path / "catalogue")
+    for name, colour in (("blue-pack", blue), ("green-pack", green)):
+        studio.create_product(name)
+        for i in range(8):
+            studio.save_photo(counter_photo(counter_scene(3), i, colour), name)
+    del studio
+    empty, shopping = tmp_path / "empty.y4m", tmp_path / "shopping.y4m"
+    write_counter_y4m(empty, [(20, [])])
+    write_counter_y4m(shopping, [(40, [(blue, 60, 60)]), (40, [(blue, 60, 60), (green, 200, 110)])])
+    proc, url = start_app(tmp_path, tmp_path / "catalogue")
+    try:
+        with sync_playwright() as pw:
+            browser = browser_with_camera(pw, empty)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            open_tab(page, "Checkout")
+            start_camera(page)
+            page.get_by_role("button", name="Learn the empty counter").click()
+            page.get_by_text("Learnt the empty counter").wait_for(timeout=30_000)
+            browser.close()
+
+            browser = browser_with_camera(pw, shopping)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            open_tab(page, "Checkout")
+            start_camera(page)
+            basket = page.locator("#checkout-basket")
+            page.wait_for_function("() => { const t = document.querySelector('#checkout-basket').innerText;"
+                                   " return t.includes('blue-pack') && !t.includes('green-pack'); }", timeout=60_000)
+            page.wait_for_function("() => document.querySelector('#checkout-basket').innerText.includes('green-pack')",
+                                   timeout=60_000)
+            text = basket.inner_text()
+            assert "blue-pack" in text and "green-pack" in text and "unknown" not in text
+            shot(page, "checkout")
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    log = (tmp_path / "app.log").read_text(errors="replace")
     assert "Traceback" not in log, log[log.index("Traceback"):][:3000]

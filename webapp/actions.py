@@ -6,7 +6,8 @@ directories, the active model in CATALOGUE/active_model.json. Restarting the app
 Studio is the one object a screen holds; its methods come by concern from
 webapp/capture.py (catalogue and capture), webapp/labelling.py (selection, bulk edits, the review queue),
 webapp/training_actions.py (jobs and the active model) and
-webapp/live.py (recognition and evaluation).
+webapp/live.py (recognition and evaluation) and
+webapp/checkout_actions.py (the checkout counter).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from dataset_tools import Catalogue
 
 from .capture import CatalogueActions
+from .checkout_actions import CheckoutActions
 from .empty_scene import EmptySceneGate
 from .labelling import LabellingActions
 from .common import (CONDITION_TAGS, MAX_BURST_SECONDS, MAX_UPLOAD_FILES, MAX_UPLOAD_MB, MIN_PHOTOS_PER_PRODUCT,  # noqa: F401
@@ -24,7 +26,7 @@ from .live import LiveAnswers, LiveWorker, Recognition, RecognitionActions, Sess
 from .training_actions import TrainingActions
 
 
-class Studio(CatalogueActions, LabellingActions, TrainingActions, RecognitionActions):
+class Studio(CatalogueActions, LabellingActions, TrainingActions, RecognitionActions, CheckoutActions):
     def __init__(self, db, checkpoint: str | None = None, backend: str = "auto", allow_capture: bool = True,
                  allow_training: bool = True, live_threads: int | None = None, precision: str = "auto"):
         """``allow_capture`` / ``allow_training`` False: every action that writes the catalogue, reads its photos,
@@ -45,6 +47,7 @@ class Studio(CatalogueActions, LabellingActions, TrainingActions, RecognitionAct
         self._unknown_frames = SessionMemory(keep_seconds=300)  # each session's last frame answered "not in the catalogue"
         self._live_worker = None
         self._empty_scene = EmptySceneGate(self.catalogue)
+        self._counter, self._baskets = None, SessionMemory(keep_seconds=600)  # checkout: the counter, each session's basket
         self._review_cache, self._review_lock = None, threading.Lock()
         if checkpoint:
             self._activate(checkpoint, pin=False)

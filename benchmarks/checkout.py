@@ -1,0 +1,283 @@
+"""The checkout counter on scenes built from real grocery photos: are the items found, named, flagged, counted?
+
+    python benchmarks/checkout.py [--scenes 60] [--run RUN_DIR] [--no-split] [--json out.json]
+
+Each scene: a rendered counter surface (benchmarks/counter_scenes.py) learnt from 12 frames of it; then 1-8 items
+put down, each a real grocery val photo's middle (70%) as a cut-out, scaled to 90-150 px on a 640x480 frame,
+rotated, with a soft shadow; the frame relit (exposure, white balance, gamma, gradient, shadow, noise).
+"separated": items at least 12 px apart; "touching": each item put against one already there, overlapping it by up
+to a tenth of its width. A quarter of the items are products of draw 0 of benchmarks/open_set.py, which the
+catalogue does not have. Recognisers: the instant model (bank: the known products' training photos) and, with
+``--run``, a Train job run made with those products excluded. Both know the products as Collect "on the counter"
+stores them: counter crops of the training photos (``--make-catalogue DIR`` writes that catalogue for a Train click:
+``python -m training train --db DIR/catalogue --out RUN --exclude-products <draw 0> --max-minutes 20``).
+
+Reported per layout and recogniser: item recall and precision (IoU >= 0.5 with the item's visible box), item
+accuracy (matched known items named right), unknown items flagged, known items flagged, cAcc (scenes of 3-6 items
+whose list with counts is exactly right, unknown items counted as "unknown"), and frames/s of Checkout.scan.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from common import DATA, machine_line  # noqa: E402
+from counter_scenes import camera_frames, counter_surface, light_change  # noqa: E402
+from open_set import FIRST_DRAW  # noqa: E402
+
+H, W = 480, 640
+
+
+def lists():
+    names = {int(r[1]): r[0] for r in (line.split(",") for line in (DATA / "classes.csv").read_text().splitlines()[1:] if line)}
+
+    def read(split):
+        rows = [line.split(",") for line in (DATA / f"{split}.txt").read_text().splitlines() if line.strip()]
+        return [(str(DATA / p.strip().lstrip("/")), names[int(label)]) for p, label, *_ in rows]
+
+    return read("train"), read("val")
+
+
+def cutout(path: str, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB, mask) of an item seen from above: the photo's middle, scaled, rotated."""
+    im = np.asarray(Image.open(path).convert("RGB"))
+    h, w = im.shape[:2]
+    im = im[int(0.15 * h):int(0.85 * h), int(0.15 * w):int(0.85 * w)]
+    long_side = rng.uniform(90, 150)
+    s = long_side / max(im.shape[:2])
+    im = cv2.resize(im, (max(8, int(im.shape[1] * s)), max(8, int(im.shape[0] * s))), interpolation=cv2.INTER_AREA)
+    angle = rng.uniform(-30, 30)
+    h, w = im.shape[:2]
+    side = int(np.ceil(np.hypot(h, w))) + 2
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+    m[:, 2] += ((side - w) / 2, (side - h) / 2)
+    rgb = cv2.warpAffine(im, m, (side, side), flags=cv2.INTER_LINEAR)
+    mask = cv2.warpAffine(np.full((h, w), 255, np.uint8), m, (side, side), flags=cv2.INTER_NEAREST) > 127
+    ys, xs = np.nonzero(mask)
+    return rgb[ys.min():ys.max() + 1, xs.min():xs.max() + 1], mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+def positions(rng, sizes, touching: bool):
+    """Top-left corners for items of ``sizes`` [(h, w)], or None when they do not fit."""
+    placed = []
+    for h, w in sizes:
+        for _ in range(200):
+            if touching and placed:
+                (py, px), (ph, pw) = placed[int(rng.integers(len(placed)))]
+                side = int(rng.integers(4))
+                overlap = rng.uniform(0, 0.1)
+                if side == 0:
+                    x, y = px + pw - int(overlap * w), py + int(rng.uniform(-0.3, 0.3) * ph)
+                elif side == 1:
+                    x, y = px - w + int(overlap * w), py + int(rng.uniform(-0.3, 0.3) * ph)
+                elif side == 2:
+                    x, y = px + int(rng.uniform(-0.3, 0.3) * pw), py + ph - int(overlap * h)
+                else:
+                    x, y = px + int(rng.uniform(-0.3, 0.3) * pw), py - h + int(overlap * h)
+            else:
+                x, y = int(rng.integers(12, W - w - 12)), int(rng.integers(12, H - h - 12))
+            if not (12 <= x <= W - w - 12 and 12 <= y <= H - h - 12):
+                continue
+            gap = -0.12 * min(h, w) if touching else 12  # touching: no item hides more than about a tenth of another
+            if all(x + w + gap <= qx or qx + qw + gap <= x or y + h + gap <= qy or qy + qh + gap <= y
+                   for (qy, qx), (qh, qw) in placed):
+                placed.append(((y, x), (h, w)))
+                break
+        else:
+            return None
+    return [p for p, _ in placed]
+
+
+def compose(surface, items, corners, rng):
+    """The scene and each item's visible box."""
+    scene = surface.astype(np.float32)
+    owner = np.full((H, W), -1, np.int32)
+    for k, ((rgb, mask), (y, x)) in enumerate(zip(items, corners)):
+        h, w = mask.shape
+        shade = np.zeros((H, W), np.float32)
+        shade[y:y + h, x:x + w][mask] = 1
+        shade = cv2.GaussianBlur(np.roll(shade, (5, 5), (0, 1)), (0, 0), 4)
+        scene *= (1 - 0.35 * shade)[..., None]
+        region = scene[y:y + h, x:x + w]
+        region[mask] = rgb[mask]
+        owner[y:y + h, x:x + w][mask] = k
+    boxes = []
+    for k in range(len(items)):
+        ys, xs = np.nonzero(owner == k)
+        boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) if len(xs) else None)
+    return np.clip(scene, 0, 255).astype(np.uint8), boxes
+
+
+def counter_crop(path: str, rng, surfaces) -> np.ndarray:
+    """A photo as Collect "on the counter" stores it: the item cut out on the counter, cropped with Checkout's margin."""
+    from ntsnet.checkout import crop_with_margin
+
+    rgb, mask = cutout(path, rng)
+    h, w = mask.shape
+    y, x = int(rng.integers(12, H - h - 12)), int(rng.integers(12, W - w - 12))
+    frame, boxes = compose(surfaces[int(rng.integers(len(surfaces)))], [(rgb, mask)], [(y, x)], rng)
+    return crop_with_margin(light_change(frame, rng, strength=0.7), boxes[0])[0]
+
+
+def make_catalogue(out: Path, seed: int):
+    """The grocery train and val photos as counter crops, in a catalogue at OUT/catalogue (for a Train click)."""
+    from dataset_tools import Catalogue
+    from dataset_tools.transfer import import_list
+
+    rng = np.random.default_rng(seed)
+    surfaces = [counter_surface(rng, H, W) for _ in range(12)]
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        lines = [line for line in (DATA / f"{split}.txt").read_text().splitlines() if line.strip()]
+        for line in lines:
+            rel = line.split(",")[0].strip()
+            dst = out / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(counter_crop(str(DATA / rel), rng, surfaces)).save(dst, quality=92)
+        (out / f"{split}.txt").write_text("\n".join(lines))
+    (out / "classes.csv").write_text((DATA / "classes.csv").read_text())
+    cat = Catalogue(out / "catalogue")
+    for split in ("train", "val"):
+        import_list(cat, out / f"{split}.txt", split=split, progress=False)
+    print(f"catalogue of counter crops at {out / 'catalogue'}")
+
+
+def crop_bank(items, seed: int, embed) -> np.ndarray:
+    rng = np.random.default_rng(seed + 1)
+    surfaces = [counter_surface(rng, H, W) for _ in range(12)]
+    crops = [counter_crop(p, rng, surfaces) for p, _ in items]
+    return np.concatenate([embed(crops[i:i + 32]) for i in range(0, len(crops), 32)])
+
+
+class InstantItems:
+    """The instant model's rule on a bank of embeddings, as Checkout asks it (predict_batch)."""
+
+    def __init__(self, bank, labels):
+        from ntsnet.instant import Embedder, InstantIndex
+
+        self.embed = Embedder("efficientnet_lite0", background=False)
+        self.index = InstantIndex.from_embeddings(zip(range(len(bank)), labels, bank))
+
+    def predict_batch(self, arrays):
+        return self.index.classify(self.embed(arrays))
+
+
+def iou(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def match(pred_boxes, true_boxes):
+    pairs = sorted(((iou(p, t), i, j) for i, p in enumerate(pred_boxes) for j, t in enumerate(true_boxes)), reverse=True)
+    used_p, used_t, out = set(), set(), []
+    for v, i, j in pairs:
+        if v >= 0.5 and i not in used_p and j not in used_t:
+            used_p.add(i), used_t.add(j), out.append((i, j))
+    return out
+
+
+def run_layout(recogniser, val, unknown_names, touching: bool, scenes: int, seed: int, split: bool):
+    from ntsnet.checkout import Checkout, basket_of
+    from ntsnet.counter import Counter
+
+    rng = np.random.default_rng(seed)
+    known = [v for v in val if v[1] not in unknown_names]
+    unknown = [v for v in val if v[1] in unknown_names]
+    tally = dict(true=0, pred=0, matched=0, known_matched=0, known_right=0, unk_matched=0, unk_flagged=0, known_flagged=0,
+                 cacc_scenes=0, cacc_right=0, seconds=0.0)
+    done = 0
+    while done < scenes:
+        surface = counter_surface(rng, H, W)
+        n = int(rng.integers(1, 9))
+        picks = [unknown[int(rng.integers(len(unknown)))] if rng.random() < 0.25 else known[int(rng.integers(len(known)))] for _ in range(n)]
+        items = [cutout(p, rng) for p, _ in picks]
+        corners = positions(rng, [m.shape for _, m in items], touching)
+        if corners is None:
+            continue
+        done += 1
+        frame, boxes = compose(surface, items, corners, rng)
+        frame = light_change(frame, rng, strength=0.7)
+        checkout = Checkout(Counter.learn(camera_frames(surface, rng, 12)), recogniser, split=split)
+        t0 = time.perf_counter()
+        scan = checkout.scan(frame)
+        tally["seconds"] += time.perf_counter() - t0
+        truth = [(b, name, name in unknown_names) for b, (_, name) in zip(boxes, picks) if b is not None]
+        tally["true"] += len(truth)
+        tally["pred"] += len(scan.items)
+        for i, j in match([it.box for it in scan.items], [t[0] for t in truth]):
+            it, (_, name, is_unknown) = scan.items[i], truth[j]
+            tally["matched"] += 1
+            if is_unknown:
+                tally["unk_matched"] += 1
+                tally["unk_flagged"] += it.unknown
+            else:
+                tally["known_matched"] += 1
+                tally["known_right"] += it.label == name
+                tally["known_flagged"] += it.unknown
+        if 3 <= len(truth) <= 6:
+            tally["cacc_scenes"] += 1
+            want = basket_of(type("T", (), {"label": "unknown" if u else n})() for _, n, u in truth)
+            tally["cacc_right"] += basket_of(scan.items) == want
+    t = tally
+    div = lambda a, b: a / b if b else float("nan")  # noqa: E731
+    return {"scenes": scenes, "items": t["true"], "recall": div(t["matched"], t["true"]), "precision": div(t["matched"], t["pred"]),
+            "item_accuracy": div(t["known_right"], t["known_matched"]), "unknown_flagged": div(t["unk_flagged"], t["unk_matched"]),
+            "known_flagged": div(t["known_flagged"], t["known_matched"]), "cacc": div(t["cacc_right"], t["cacc_scenes"]),
+            "cacc_scenes": t["cacc_scenes"], "fps": div(scenes, t["seconds"])}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenes", type=int, default=60)
+    ap.add_argument("--run", default=None, help="a Train job run made with draw 0's products excluded")
+    ap.add_argument("--no-split", action="store_true", help="connected components only (the baseline)")
+    ap.add_argument("--layouts", default="separated,touching")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--make-catalogue", default=None, metavar="DIR",
+                    help="write the grocery photos as counter crops into a catalogue at DIR/catalogue and stop")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    print(machine_line())
+    train, val = lists()
+    unknown_names = set(FIRST_DRAW)
+    recognisers = {}
+    if args.make_catalogue:
+        return make_catalogue(Path(args.make_catalogue), args.seed)
+    cache = Path(f"/tmp/checkout-bench-bank-{args.seed}.npz")
+    bank_items = [(p, n) for p, n in train if n not in unknown_names]
+    instant = InstantItems(np.zeros((0, 1280), np.float32), [])
+    if cache.exists():
+        bank = np.load(cache)["e"]
+    else:  # the catalogue as Collect "on the counter" captures it: counter crops of the training photos
+        bank = crop_bank(bank_items, args.seed, instant.embed)
+        np.savez(cache, e=bank)
+    instant.index = type(instant.index).from_embeddings(zip(range(len(bank)), [n for _, n in bank_items], bank))
+    recognisers["instant"] = instant
+    if args.run:
+        from ntsnet import Predictor
+
+        recognisers["trained"] = Predictor.from_checkpoint(Path(args.run) / "best.safetensors")
+        recognisers["trained"].wait_for_engine()
+    results = {}
+    for name, rec in recognisers.items():
+        for layout in args.layouts.split(","):
+            r = run_layout(rec, val, unknown_names, layout == "touching", args.scenes, args.seed, split=not args.no_split)
+            results[f"{name}/{layout}"] = r
+            print(f"{name:8s} {layout:10s} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine_line(), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

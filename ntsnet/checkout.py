@@ -1,0 +1,160 @@
+"""A checkout counter: every item a fixed camera sees on the learnt empty counter, boxed and named, and the basket.
+
+``Checkout(counter, recogniser).scan(frame)`` finds the items (ntsnet/counter.py), crops each with a margin and asks
+the recogniser about all of them in one batched call (anything with ``predict_batch(list of RGB arrays)`` returning
+``Prediction`` objects: the trained Predictor, the instant model). An item the catalogue does not know keeps the
+recogniser's own "unknown" answer, the rule single-product recognition uses.
+
+``Basket`` turns scans of a live stream into a steady list: an item is counted once it has lain still for
+``still_s``, its name is the vote over the frames it was seen in, and it leaves the basket when it is taken away.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .counter import Counter, Region
+from .predictor import Box
+
+MARGIN = 0.12            # of the item's box, added on each side of its crop: the recogniser sees its outline
+MIN_CROP_PX = 24         # smaller boxes are specks at this camera distance
+
+
+@dataclass
+class Item:
+    box: tuple[int, int, int, int]      # x0, y0, x1, y1 in the frame's pixels
+    label: str                          # the product, or "unknown"
+    confidence: float
+    unknown: bool
+    best_guess: str
+    parts: list[Box] = field(default_factory=list)   # the Navigator's top-K parts, in the frame's pixels
+
+    def to_dict(self) -> dict:
+        return {"box": list(self.box), "label": self.label, "confidence": round(self.confidence, 4), "unknown": self.unknown,
+                "best_guess": self.best_guess, "parts": [[round(v, 1) for v in (p.x0, p.y0, p.x1, p.y1)] for p in self.parts]}
+
+
+@dataclass
+class Scan:
+    items: list[Item]
+    at_edge: int = 0          # regions touching the frame's border (an arm, an item half outside): not counted
+    problem: str = ""         # why nothing could be counted in this frame (the camera moved, the frame is unusable)
+
+
+def basket_of(items) -> dict[str, int]:
+    """{product: count}; unknown items are counted under "unknown"."""
+    return dict(sorted(Tally(it.label for it in items).items()))
+
+
+def crop_with_margin(frame: np.ndarray, box, margin: float = MARGIN):
+    """The crop and its top-left corner in the frame."""
+    h, w = frame.shape[:2]
+    x0, y0, x1, y1 = box
+    mx, my = margin * (x1 - x0), margin * (y1 - y0)
+    cx0, cy0 = max(0, int(x0 - mx)), max(0, int(y0 - my))
+    cx1, cy1 = min(w, int(round(x1 + mx))), min(h, int(round(y1 + my)))
+    return frame[cy0:cy1, cx0:cx1], (cx0, cy0)
+
+
+class Checkout:
+    def __init__(self, counter: Counter, recogniser, split: bool = True):
+        """``split`` False: one item per connected blob (touching items stay one)."""
+        self.counter, self.recogniser, self.split = counter, recogniser, split
+
+    def regions(self, frame: np.ndarray, mask=None) -> tuple[list[Region], list[Region]]:
+        """(items to recognise, regions at the frame's edge)."""
+        found = self.counter.regions(frame, split_touching=self.split, mask=mask)
+        inside = [r for r in found if not r.at_edge and min(r.box[2] - r.box[0], r.box[3] - r.box[1]) >= MIN_CROP_PX]
+        return inside, [r for r in found if r.at_edge]
+
+    def scan(self, frame: np.ndarray) -> Scan:
+        frame = self.counter.check_frame(frame)
+        mask = self.counter.foreground(frame)
+        if self.counter.moved(frame, mask):
+            return Scan([], problem="The camera moved or the light changed beyond recognition: learn the empty counter again.")
+        inside, edge = self.regions(frame, mask)
+        if not inside:
+            return Scan([], at_edge=len(edge))
+        crops, corners = zip(*(crop_with_margin(frame, r.box) for r in inside))
+        preds = self.recogniser.predict_batch([np.ascontiguousarray(c) for c in crops])
+        items = []
+        for region, pred, (ox, oy) in zip(inside, preds, corners):
+            if pred.nothing:  # the recogniser sees the counter itself there (a shadow or glare the counter kept)
+                continue
+            parts = [Box(b.x0 + ox, b.y0 + oy, b.x1 + ox, b.y1 + oy, b.score) for b in pred.boxes]
+            items.append(Item(region.box, pred.label, float(pred.confidence), bool(pred.unknown), pred.best_guess or pred.label, parts))
+        return Scan(items, at_edge=len(edge))
+
+
+def _iou(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@dataclass
+class Track:
+    box: tuple[int, int, int, int]
+    still_since: float
+    last_seen: float
+    votes: Tally = field(default_factory=Tally)
+    counted: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.votes.most_common(1)[0][0] if self.votes else "unknown"
+
+
+class Basket:
+    """Items tracked from scan to scan (by box overlap). ``still_s``: how long an item lies still before it counts;
+    ``gone_s``: how long it is missed before it leaves (a hand passing over it hides it for a moment);
+    ``moved_px``: how far its box may shift and still be "still" (the segmentation's own jitter)."""
+
+    def __init__(self, still_s: float = 0.5, gone_s: float = 0.8, moved_px: float = 8.0, clock=None):
+        self.still_s, self.gone_s, self.moved_px = still_s, gone_s, moved_px
+        self.clock = clock or (lambda: time.monotonic())
+        self.tracks: list[Track] = []
+
+    def clear(self):
+        """New customer."""
+        self.tracks = []
+
+    def update(self, scan: Scan) -> dict[str, int]:
+        now = self.clock()
+        if scan.problem:  # an unusable frame changes nothing
+            return self.counts()
+        unmatched = list(range(len(self.tracks)))
+        for item in sorted(scan.items, key=lambda it: -(it.box[2] - it.box[0]) * (it.box[3] - it.box[1])):
+            best = max(unmatched, key=lambda t: _iou(self.tracks[t].box, item.box), default=None)
+            if best is None or _iou(self.tracks[best].box, item.box) < 0.3:
+                self.tracks.append(Track(item.box, now, now, Tally([item.label])))
+                continue
+            unmatched.remove(best)
+            track = self.tracks[best]
+            if max(abs(a - b) for a, b in zip(track.box, item.box)) > self.moved_px:
+                track.still_since, track.votes = now, Tally()  # moved (or swapped): it counts again once still
+            track.box, track.last_seen = item.box, now
+            track.votes[item.label] += 1
+            if not track.counted and now - track.still_since >= self.still_s:
+                track.counted = True
+                self._drop_moved_from(track, now)
+        self.tracks = [t for t in self.tracks if now - t.last_seen <= self.gone_s]
+        return self.counts()
+
+    def _drop_moved_from(self, track: Track, now: float):
+        """An item just counted where a counted item of the same name went missing: it was moved, not added."""
+        for other in self.tracks:
+            if other is not track and other.counted and other.last_seen < now and other.label == track.label:
+                self.tracks.remove(other)
+                return
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Tally(t.label for t in self.tracks if t.counted).items()))
+
+    def counted_items(self) -> list[Track]:
+        return [t for t in self.tracks if t.counted]

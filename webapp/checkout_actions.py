@@ -1,0 +1,148 @@
+"""Checkout: the learnt empty counter, every item on it named by the model that answers now, and each session's basket.
+
+A mixin of Studio (webapp/actions.py): it uses ``self.db``, ``self._answerer()`` and ``self._busy``; its own state
+(``self._counter``, ``self._baskets``) is made in Studio.__init__. The empty counter is kept in CATALOGUE/counter.npz.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ntsnet.checkout import Basket, Checkout, Scan, basket_of
+from ntsnet.counter import Counter, CounterError
+from ntsnet.draw import draw_checkout
+from ntsnet.images import ImageLoadError, image_paths, to_rgb_array
+
+from .common import StudioError
+
+COUNTER_FILE = "counter.npz"
+LEARN_SECONDS, LEARN_EVERY_MS = 2.0, 100
+
+
+@dataclass
+class CheckoutView:
+    annotated: np.ndarray
+    basket: list[list]          # rows [product, count] of what is counted
+    message: str
+    scan: Scan
+
+
+def learn_counter_from(sources) -> Counter:
+    """The empty counter from photos: files, or folders of them (one photo will do; a few seconds of frames are better)."""
+    frames = []
+    for path in image_paths([str(s) for s in sources]):
+        try:
+            frames.append(to_rgb_array(path))
+        except ImageLoadError as exc:
+            raise CounterError(f"empty counter: {exc}") from None
+    if not frames:
+        raise CounterError("no photo of the empty counter found there")
+    return Counter.learn(frames)
+
+
+class CheckoutActions:
+    # ------------------------------------------------------------------------------- the counter
+    @property
+    def counter_path(self) -> Path:
+        return Path(self.db) / COUNTER_FILE
+
+    def counter(self) -> Counter | None:
+        """The learnt empty counter (None: not learnt yet)."""
+        if self._counter is None and self.counter_path.exists():
+            try:
+                self._counter = Counter.load(self.counter_path)
+            except CounterError:
+                return None
+        return self._counter
+
+    def learn_counter(self, frames) -> str:
+        """Learn the empty counter from frames of it (the camera fixed, nothing on the counter); kept with the catalogue."""
+        self._require("capture")
+        try:
+            counter = Counter.learn([np.asarray(f) for f in frames if f is not None])
+        except CounterError as exc:
+            raise StudioError(str(exc)) from None
+        counter.save(self.counter_path)
+        self._counter = counter
+        self._baskets = type(self._baskets)(self._baskets.keep)  # old boxes belonged to the old view
+        return f"Learnt the empty counter from {len(frames)} frames: put the shopping down."
+
+    def learn_counter_live(self, latest_frame, seconds: float = LEARN_SECONDS, every_ms: float = LEARN_EVERY_MS, sleep=time.sleep):
+        """A few seconds of the live camera's empty counter, then learn it; yields progress messages."""
+        frames, last = [], None
+        for _ in range(max(2, int(seconds * 1000 / every_ms))):
+            frame = latest_frame()
+            if frame is not None and frame is not last:
+                frames.append(np.asarray(frame))
+                last = frame
+                yield f"Learning the empty counter: {len(frames)} frames…"
+            sleep(every_ms / 1000)
+        if len(frames) < 2:
+            raise StudioError("No live frames arrived: start the camera first (the counter must be empty).")
+        yield self.learn_counter(frames)
+
+    # ------------------------------------------------------------------------------------- scan
+    def _checkout(self, recogniser=None) -> Checkout:
+        counter = self.counter()
+        if counter is None:
+            raise StudioError("No empty counter learnt yet: clear the counter and click “Learn the empty counter”.")
+        recogniser = recogniser or self._answerer()[0]
+        if recogniser is None:
+            raise StudioError("No model yet: collect photos of at least two products, or train one.")
+        return Checkout(counter, recogniser)
+
+    def checkout_scan(self, frame, recogniser=None) -> Scan:
+        """Every item on the counter in one frame, named (no basket). ``recogniser``: instead of the model that answers now."""
+        checkout = self._checkout(recogniser)
+        try:
+            with self._busy:
+                return checkout.scan(to_rgb_array(frame))
+        except (CounterError, ImageLoadError) as exc:
+            raise StudioError(str(exc)) from None
+
+    def checkout_frame(self, frame, session: str = "-") -> CheckoutView | None:
+        """One live frame: items boxed and named, and this session's basket (counted once an item lies still)."""
+        if frame is None:
+            return None
+        rgb = np.asarray(frame)
+        scan = self.checkout_scan(rgb)
+        basket = self._baskets.get(session) or Basket()
+        counts = basket.update(scan)
+        self._baskets.put(session, basket)
+        counted = [any(t.counted and t.box == it.box for t in basket.tracks) for it in scan.items]
+        total = sum(counts.values())
+        message = scan.problem or (f"{total} item{'s' * (total != 1)} in the basket" +
+                                   (f" · {scan.at_edge} at the edge of the view (not counted)" if scan.at_edge else ""))
+        annotated = draw_checkout(rgb, scan.items, counted, banner=message)
+        return CheckoutView(annotated, [[name, n] for name, n in counts.items()], message, scan)
+
+    def new_customer(self, session: str = "-") -> str:
+        basket = self._baskets.get(session)
+        if basket is not None:
+            basket.clear()
+        return "New customer: the basket is empty."
+
+    def checkout_scenes(self, paths, background=None, recogniser=None) -> list[dict]:
+        """The CLI's answer: per photo of the counter, its items and basket (a bad photo is reported, the rest answered).
+        ``background``: photos of the empty counter to learn first (else the learnt one); ``recogniser``: a model to
+        use instead of the one that answers in the app."""
+        if background:
+            try:
+                self._counter = learn_counter_from(background if isinstance(background, (list, tuple)) else [background])
+            except CounterError as exc:
+                raise StudioError(str(exc)) from None
+        out = []
+        for path in image_paths([str(p) for p in paths]):
+            try:
+                scan = self.checkout_scan(to_rgb_array(path), recogniser)
+            except (ImageLoadError, StudioError) as exc:
+                if "No model yet" in str(exc) or "No empty counter" in str(exc):
+                    raise
+                out.append({"path": path, "error": str(exc)})
+                continue
+            out.append({"path": path, "items": [it.to_dict() for it in scan.items], "basket": basket_of(scan.items),
+                        **({"problem": scan.problem} if scan.problem else {})})
+        return out
