@@ -116,9 +116,16 @@ def test_the_studio_learns_the_counter_and_counts_the_basket_of_a_live_session(s
 
     with pytest.raises(StudioError, match="No empty counter learnt"):
         shop.checkout_frame(shopping((BLUE, 40, 40)), "s")
+    with pytest.raises(StudioError, match="No empty counter learnt"):
+        shop.save_photo(shopping((BLUE, 40, 40)), "blue-pack", on_counter=True)
     frames = iter([relit(SCENE, 50 + i) for i in range(3)] + [None] * 30)
     steps = list(shop.learn_counter_live(lambda: next(frames), seconds=0.5, every_ms=50, sleep=lambda s: None))
     assert steps[-1].startswith("Learnt the empty counter from 3 frames") and shop.counter_path.exists()
+    saved = shop.save_photo(shopping((GREEN, 150, 90), seed=9), "green-pack", on_counter=True)  # Collect "on the counter"
+    stored = Image.open(shop.catalogue.image_path(shop.catalogue.images(product="green-pack")[-1]))
+    assert "Saved" in saved["message"] and 44 <= stored.width <= 70 and 60 <= stored.height <= 90  # the packet and a margin
+    with pytest.raises(StudioError, match="Nothing on the counter"):
+        shop.save_photo(shopping(seed=10), "green-pack", on_counter=True)
     clock = [0.0]
     monkeypatch.setattr(checkout_module.time, "monotonic", lambda: clock[0])
     scene = shopping((BLUE, 40, 40), (GREEN, 200, 100), seed=7)

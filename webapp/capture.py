@@ -32,13 +32,16 @@ class CatalogueActions:
         return [[p["name"], p["sku"] or "", p["images"], p["train"], p["val"], p["test"]] for p in self.catalogue.products()]
 
     # ---------------------------------------------------------------------------------- collect
-    def save_photo(self, image, product: str | None, tags=(), source: str = "webcam") -> dict:
-        """Store one photo; returns {message, warnings, count, image_id}. A duplicate is reported, not an error."""
+    def save_photo(self, image, product: str | None, tags=(), source: str = "webcam", on_counter: bool = False) -> dict:
+        """Store one photo; returns {message, warnings, count, image_id}. A duplicate is reported, not an error.
+        ``on_counter``: the product lies on the learnt checkout counter; only its crop is stored, as Checkout sees it."""
         self._require("capture")
         if image is None:
             raise StudioError("No photo: start the camera or choose a file first.")
         if not product:
             raise StudioError("Choose or create a product first.")
+        if on_counter:
+            image = self.counter_crop(image)
         try:
             res = self.catalogue.add_image(image, product=product, source_kind=source, tags=tags)
         except DuplicateImage as exc:
@@ -178,7 +181,8 @@ class CatalogueActions:
         return f"Photo {image_id} labelled “{product}”."
 
     # ------------------------------------------------------------------------------------ burst
-    def burst(self, latest_frame, product: str | None, tags=(), every_ms: float = 500, seconds: float = 5, sleep=time.sleep):
+    def burst(self, latest_frame, product: str | None, tags=(), every_ms: float = 500, seconds: float = 5, sleep=time.sleep,
+              on_counter: bool = False):
         """Save the newest camera frame (``latest_frame()``: an array or None) every ``every_ms`` for ``seconds``,
         yielding {saved, message} after each try and once more at the end. The limits apply whatever a page sent."""
         self._require("capture")
@@ -191,7 +195,7 @@ class CatalogueActions:
             frame = latest_frame()
             if frame is not None:
                 try:
-                    r = self.save_photo(frame, product, tags, source="webcam")
+                    r = self.save_photo(frame, product, tags, source="webcam", on_counter=on_counter)
                     saved += "duplicate" not in r["warnings"]
                     message = r["message"]
                 except StudioError as exc:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ntsnet.checkout import Basket, Checkout, Scan, basket_of
+from ntsnet.checkout import Basket, Checkout, Scan, basket_of, crop_with_margin
 from ntsnet.counter import Counter, CounterError
 from ntsnet.draw import draw_checkout
 from ntsnet.images import ImageLoadError, image_paths, to_rgb_array
@@ -83,6 +83,20 @@ class CheckoutActions:
         if len(frames) < 2:
             raise StudioError("No live frames arrived: start the camera first (the counter must be empty).")
         yield self.learn_counter(frames)
+
+    def counter_crop(self, frame) -> np.ndarray:
+        """The one item on the learnt counter, cropped as Checkout crops it (Collect "on the counter")."""
+        counter = self.counter()
+        if counter is None:
+            raise StudioError("No empty counter learnt yet (Checkout tab): learn it before capturing on the counter.")
+        rgb = to_rgb_array(frame)
+        try:
+            inside, _ = Checkout(counter, None).regions(counter.check_frame(rgb))
+        except CounterError as exc:
+            raise StudioError(str(exc)) from None
+        if not inside:
+            raise StudioError("Nothing on the counter: put the product down inside the camera's view.")
+        return np.ascontiguousarray(crop_with_margin(rgb, inside[0].box)[0])  # the largest item: the one being captured
 
     # ------------------------------------------------------------------------------------- scan
     def _checkout(self, recogniser=None) -> Checkout:

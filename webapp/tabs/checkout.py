@@ -19,8 +19,9 @@ def build(studio, live_fps: float):
         gr.Markdown(HOW)
         with gr.Row():
             with gr.Column():
+                # the Collect camera's size: "on the counter" captures there are cut out with this tab's counter
                 cam = gr.Image(label="Counter camera", sources=["webcam"], streaming=True, type="numpy",
-                               webcam_options=gr.WebcamOptions(mirror=False, constraints=camera_constraints(640, 480)))
+                               webcam_options=gr.WebcamOptions(mirror=False, constraints=camera_constraints(1280, 720)))
                 with gr.Row():
                     learn_btn = gr.Button("Learn the empty counter", variant="primary")
                     new_btn = gr.Button("New customer")

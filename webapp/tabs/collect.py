@@ -28,6 +28,8 @@ def build(studio, screen: Screen):
                     new_sku = gr.Textbox(label="SKU / barcode (optional)")
                     create_btn = gr.Button("Create product")
                 tags = gr.CheckboxGroup(CONDITION_TAGS, label="Condition tags for this session")
+                on_counter = gr.Checkbox(label="On the checkout counter: keep only the item, as Checkout sees it",
+                                         value=False)
                 count = gr.Markdown("")
             with gr.Column(scale=2):
                 cam = gr.Image(label="Camera", sources=["webcam"], streaming=True, type="numpy",
@@ -55,13 +57,13 @@ def build(studio, screen: Screen):
         latest_frames.put(session_of(request), frame)
         return "camera live"  # a stream needs an output to keep its round trip going
 
-    def on_snap(name, tag_list, request: gr.Request):
-        r = act(studio.save_photo, latest_frames.get(session_of(request)), name, tag_list, source="webcam")
+    def on_snap(name, tag_list, counter, request: gr.Request):
+        r = act(studio.save_photo, latest_frames.get(session_of(request)), name, tag_list, source="webcam", on_counter=counter)
         return r["message"], studio.gallery(name), counted(name), screen.status_line()
 
-    def on_burst(name, tag_list, every_ms, seconds, request: gr.Request):
+    def on_burst(name, tag_list, every_ms, seconds, counter, request: gr.Request):
         key = session_of(request)
-        for step in act(studio.burst, lambda: latest_frames.get(key), name, tag_list, every_ms, seconds):
+        for step in act(studio.burst, lambda: latest_frames.get(key), name, tag_list, every_ms, seconds, on_counter=counter):
             yield step["message"], studio.gallery(name), counted(name), screen.status_line()
 
     def on_empty_scene(request: gr.Request):
@@ -75,8 +77,8 @@ def build(studio, screen: Screen):
 
     create_btn.click(on_create, [new_name, new_sku], [product, collect_msg, new_name, new_sku, screen.header])
     cam.stream(on_frame, [cam], [cam_state], stream_every=0.1, concurrency_limit=None, show_progress="hidden")
-    snap_btn.click(on_snap, [product, tags], [collect_msg, gallery, count, screen.header])
-    burst_btn.click(on_burst, [product, tags, burst_every, burst_secs], [collect_msg, gallery, count, screen.header])
+    snap_btn.click(on_snap, [product, tags, on_counter], [collect_msg, gallery, count, screen.header])
+    burst_btn.click(on_burst, [product, tags, burst_every, burst_secs, on_counter], [collect_msg, gallery, count, screen.header])
     empty_btn.click(on_empty_scene, None, [collect_msg, gallery, count, screen.header]).then(
         lambda: screen.product_choices(EMPTY_SCENE), None, product)
     upload_btn.click(on_upload, [uploads, product, tags], [collect_msg, gallery, uploads, screen.header])
