@@ -6,7 +6,8 @@ Each scene: a rendered counter surface (benchmarks/counter_scenes.py) learnt fro
 put down, each a real grocery val photo's middle (70%) as a cut-out, scaled to 90-150 px on a 640x480 frame,
 rotated, with a soft shadow; the frame relit (exposure, white balance, gamma, gradient, shadow, noise).
 "separated": items at least 12 px apart; "touching": each item put against one already there, overlapping it by up
-to a tenth of its width. A quarter of the items are products of draw 0 of benchmarks/open_set.py, which the
+to a tenth of its width; "one-by-one": the touching scenes as a live stream sees them, the items put down one at a
+time (ItemLayers). A quarter of the items are products of draw 0 of benchmarks/open_set.py, which the
 catalogue does not have. Recognisers: the instant model (bank: the known products' training photos) and, with
 ``--run``, a Train job run made with those products excluded. Both know the products as Collect "on the counter"
 stores them: counter crops of the training photos (``--make-catalogue DIR`` writes that catalogue for a Train click:
@@ -184,30 +185,49 @@ def match(pred_boxes, true_boxes):
     return out
 
 
-def run_layout(recogniser, val, unknown_names, touching: bool, scenes: int, seed: int, split: bool):
+def one_by_one(checkout, surface, items, corners, rng):
+    """The live path: the items put down one at a time (each shown for a few still frames) into ItemLayers, in one
+    light with fresh sensor noise; returns the last frame, its visible boxes and the ItemLayers."""
+    from ntsnet.checkout import ItemLayers
+
+    layers = ItemLayers(checkout.counter)
+    light_seed = int(rng.integers(1 << 30))
+    for k in range(1, len(items) + 1):
+        frame, boxes = compose(surface, items[:k], corners[:k], rng)
+        lit = light_change(frame, np.random.default_rng(light_seed), strength=0.7)
+        for _ in range(layers.still_frames + 2):
+            shown = np.clip(lit + rng.normal(0, 2.0, lit.shape), 0, 255).astype(np.uint8)
+            layers.label_items(shown)
+    return shown, boxes, layers
+
+
+def run_layout(recogniser, val, unknown_names, touching: bool, scenes: int, seed: int, split: bool, sequential: bool = False):
     from ntsnet.checkout import Checkout, basket_of
     from ntsnet.counter import Counter
 
-    rng = np.random.default_rng(seed)
     known = [v for v in val if v[1] not in unknown_names]
     unknown = [v for v in val if v[1] in unknown_names]
     tally = dict(true=0, pred=0, matched=0, known_matched=0, known_right=0, unk_matched=0, unk_flagged=0, known_flagged=0,
                  cacc_scenes=0, cacc_right=0, seconds=0.0)
-    done = 0
-    while done < scenes:
-        surface = counter_surface(rng, H, W)
-        n = int(rng.integers(1, 9))
-        picks = [unknown[int(rng.integers(len(unknown)))] if rng.random() < 0.25 else known[int(rng.integers(len(known)))] for _ in range(n)]
-        items = [cutout(p, rng) for p, _ in picks]
-        corners = positions(rng, [m.shape for _, m in items], touching)
-        if corners is None:
-            continue
-        done += 1
-        frame, boxes = compose(surface, items, corners, rng)
-        frame = light_change(frame, rng, strength=0.7)
+    for i in range(scenes):
+        rng = np.random.default_rng([seed, i])  # scene i is the same items in every layout and every run
+        corners = None
+        while corners is None:
+            surface = counter_surface(rng, H, W)
+            n = int(rng.integers(1, 9))
+            picks = [unknown[int(rng.integers(len(unknown)))] if rng.random() < 0.25 else known[int(rng.integers(len(known)))]
+                     for _ in range(n)]
+            items = [cutout(p, rng) for p, _ in picks]
+            corners = positions(rng, [m.shape for _, m in items], touching)
         checkout = Checkout(Counter.learn(camera_frames(surface, rng, 12)), recogniser, split=split)
+        layers = None
+        if sequential:
+            frame, boxes, layers = one_by_one(checkout, surface, items, corners, rng)
+        else:
+            frame, boxes = compose(surface, items, corners, rng)
+            frame = light_change(frame, rng, strength=0.7)
         t0 = time.perf_counter()
-        scan = checkout.scan(frame)
+        scan = checkout.scan(frame, layers)
         tally["seconds"] += time.perf_counter() - t0
         truth = [(b, name, name in unknown_names) for b, (_, name) in zip(boxes, picks) if b is not None]
         tally["true"] += len(truth)
@@ -234,12 +254,33 @@ def run_layout(recogniser, val, unknown_names, touching: bool, scenes: int, seed
             "cacc_scenes": t["cacc_scenes"], "fps": div(scenes, t["seconds"])}
 
 
+def six_items_speed(recogniser, val, scenes: int = 15) -> float:
+    """Median frames/s of Checkout.scan with six separated items in view (the issue's speed case)."""
+    from ntsnet.checkout import Checkout
+    from ntsnet.counter import Counter
+
+    from common import median_ms
+
+    times = []
+    for i in range(scenes):
+        rng = np.random.default_rng([99, i])
+        corners = None
+        while corners is None:
+            surface = counter_surface(rng, H, W)
+            items = [cutout(val[int(rng.integers(len(val)))][0], rng) for _ in range(6)]
+            corners = positions(rng, [m.shape for _, m in items], False)
+        frame = light_change(compose(surface, items, corners, rng)[0], rng, strength=0.7)
+        checkout = Checkout(Counter.learn(camera_frames(surface, rng, 12)), recogniser)
+        times.append(median_ms(lambda: checkout.scan(frame), runs=3, warmup=1))
+    return 1000.0 / float(np.median(times))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenes", type=int, default=60)
     ap.add_argument("--run", default=None, help="a Train job run made with draw 0's products excluded")
     ap.add_argument("--no-split", action="store_true", help="connected components only (the baseline)")
-    ap.add_argument("--layouts", default="separated,touching")
+    ap.add_argument("--layouts", default="separated,touching,one-by-one")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--make-catalogue", default=None, metavar="DIR",
@@ -272,9 +313,12 @@ def main():
     results = {}
     for name, rec in recognisers.items():
         for layout in args.layouts.split(","):
-            r = run_layout(rec, val, unknown_names, layout == "touching", args.scenes, args.seed, split=not args.no_split)
+            r = run_layout(rec, val, unknown_names, layout != "separated", args.scenes, args.seed, split=not args.no_split,
+                           sequential=layout == "one-by-one")
             results[f"{name}/{layout}"] = r
             print(f"{name:8s} {layout:10s} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()), flush=True)
+        results[f"{name}/six-items-fps"] = six_items_speed(rec, val)
+        print(f"{name:8s} six separated items: {results[f'{name}/six-items-fps']:.1f} frames/s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine_line(), "results": results}, indent=1))
 

@@ -14,6 +14,7 @@ import time
 from collections import Counter as Tally
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from .counter import Counter, Region
@@ -64,22 +65,39 @@ class Checkout:
         """``split`` False: one item per connected blob (touching items stay one)."""
         self.counter, self.recogniser, self.split = counter, recogniser, split
 
-    def regions(self, frame: np.ndarray, mask=None) -> tuple[list[Region], list[Region]]:
-        """(items to recognise, regions at the frame's edge)."""
-        found = self.counter.regions(frame, split_touching=self.split, mask=mask)
+    def regions(self, frame: np.ndarray, mask=None, layers: "ItemLayers | None" = None):
+        """(items to recognise, regions at the frame's edge, the label map). ``layers``: a live stream's memory of
+        the items already lying still, which tells a new item from its neighbours however closely they touch."""
+        labels = layers.label_items(frame, mask) if layers is not None else self.counter.label_items(frame, mask, self.split)
+        found = self.counter.boxes(labels, frame.shape)
         inside = [r for r in found if not r.at_edge and min(r.box[2] - r.box[0], r.box[3] - r.box[1]) >= MIN_CROP_PX]
-        return inside, [r for r in found if r.at_edge]
+        return inside, [r for r in found if r.at_edge], labels
 
-    def scan(self, frame: np.ndarray) -> Scan:
+    def crops(self, frame: np.ndarray, regions, labels: np.ndarray):
+        """Each item's crop with its margin, the neighbours that reach into it painted over with the empty counter;
+        and each crop's top-left corner in the frame."""
+        big = cv2.resize(labels.astype(np.int32), (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_NEAREST)
+        empty = self.counter.empty_view(frame.shape)
+        out = []
+        for r in regions:
+            crop, (ox, oy) = crop_with_margin(frame, r.box)
+            lab = big[oy:oy + crop.shape[0], ox:ox + crop.shape[1]]
+            others = (lab > 0) & (lab != r.label)
+            if others.any():
+                crop = np.where(others[..., None], empty[oy:oy + crop.shape[0], ox:ox + crop.shape[1]], crop)
+            out.append((np.ascontiguousarray(crop), (ox, oy)))
+        return out
+
+    def scan(self, frame: np.ndarray, layers: "ItemLayers | None" = None) -> Scan:
         frame = self.counter.check_frame(frame)
         mask = self.counter.foreground(frame)
         if self.counter.moved(frame, mask):
             return Scan([], problem="The camera moved or the light changed beyond recognition: learn the empty counter again.")
-        inside, edge = self.regions(frame, mask)
+        inside, edge, labels = self.regions(frame, mask, layers)
         if not inside:
             return Scan([], at_edge=len(edge))
-        crops, corners = zip(*(crop_with_margin(frame, r.box) for r in inside))
-        preds = self.recogniser.predict_batch([np.ascontiguousarray(c) for c in crops])
+        crops, corners = zip(*self.crops(frame, inside, labels))
+        preds = self.recogniser.predict_batch(list(crops))
         items = []
         for region, pred, (ox, oy) in zip(inside, preds, corners):
             if pred.nothing:  # the recogniser sees the counter itself there (a shadow or glare the counter kept)
@@ -87,6 +105,63 @@ class Checkout:
             parts = [Box(b.x0 + ox, b.y0 + oy, b.x1 + ox, b.y1 + oy, b.score) for b in pred.boxes]
             items.append(Item(region.box, pred.label, float(pred.confidence), bool(pred.unknown), pred.best_guess or pred.label, parts))
         return Scan(items, at_edge=len(edge))
+
+
+class ItemLayers:
+    """Items are put down one at a time: what changed since the scene last lay still is the new item, however close
+    it lies to the others, and an item already there keeps its own outline. Kept per live stream.
+
+    ``still_frames``: frames in a row with (almost) nothing changing before the scene counts as settled again."""
+
+    def __init__(self, counter: Counter, split: bool = True, still_frames: int = 3):
+        self.counter, self.split, self.still_frames = counter, split, still_frames
+        self.settled: Counter | None = None       # the scene as it last lay still, items and all
+        self.settled_labels: np.ndarray | None = None
+        self._previous: Counter | None = None
+        self._still = 0
+
+    def label_items(self, frame: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        frame = np.asarray(frame)[..., :3]
+        mask = self.counter.foreground(frame) if mask is None else mask
+        if self.settled is None:
+            labels = self.counter.label_items(frame, mask, self.split)
+        else:
+            added = mask & self.settled.foreground(frame)          # on the counter now and not in the settled scene
+            kept = np.where(mask & ~added, self.settled_labels, 0)  # settled items' pixels still there
+            new = self.counter.label_items(frame, added, self.split)
+            labels = np.where(new > 0, new + kept.max(), kept)
+        self._note_stillness(frame, labels)
+        return labels
+
+    def _note_stillness(self, frame: np.ndarray, labels: np.ndarray):
+        moving = self._previous is not None and self._previous.foreground(frame).mean() > 0.002
+        self._still = 0 if (self._previous is None or moving) else self._still + 1
+        self._previous = Counter.learn([frame], width=self.counter.size[0])
+        if self._still >= self.still_frames:  # settled: later frames are compared with this scene
+            self.settled, self.settled_labels = self._previous, labels
+            self._still = 0
+
+    def clear(self):
+        self.settled = self.settled_labels = self._previous = None
+        self._still = 0
+
+
+class LiveCheckout:
+    """One live stream at the counter: its item layers (who was put down when) and its basket."""
+
+    def __init__(self, checkout: Checkout, clock=None):
+        self.checkout = checkout
+        self.layers = ItemLayers(checkout.counter, checkout.split)
+        self.basket = Basket(clock=clock)
+
+    def update(self, frame: np.ndarray) -> tuple[Scan, dict[str, int]]:
+        scan = self.checkout.scan(frame, self.layers)
+        return scan, self.basket.update(scan)
+
+    def clear(self):
+        """New customer."""
+        self.basket.clear()
+        self.layers.clear()
 
 
 def _iou(a, b) -> float:

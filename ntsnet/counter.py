@@ -35,6 +35,7 @@ class Region:
     box: tuple[int, int, int, int]   # x0, y0, x1, y1 in the frame's pixels
     area: float                      # share of the frame
     at_edge: bool                    # touches the frame's border: an arm or an item half outside, never counted
+    label: int = 0                   # its label in the label map it came from
 
 
 def _log_rgb(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -93,6 +94,11 @@ class Counter:
             raise CounterError(f"cannot read the empty counter {path}: {exc}") from None
 
     # ----------------------------------------------------------------------------------- compare
+    def empty_view(self, frame_shape) -> np.ndarray:
+        """The learnt empty counter as RGB at a frame's size (what lies under an item's neighbours)."""
+        rgb = np.clip(np.exp(self.mean) - 4.0, 0, 255).astype(np.uint8)
+        return cv2.resize(rgb, (frame_shape[1], frame_shape[0]), interpolation=cv2.INTER_LINEAR)
+
     def check_frame(self, frame: np.ndarray) -> np.ndarray:
         """The frame as RGB; a frame of another shape than the counter's is refused (scaled when only its size differs)."""
         frame = np.asarray(frame)
@@ -162,12 +168,18 @@ class Counter:
     def regions(self, frame: np.ndarray, split_touching: bool = True, mask: np.ndarray | None = None) -> list[Region]:
         """One region per item on the counter, boxes in the frame's pixels, largest first."""
         frame = self.check_frame(frame)
-        mask = (self.foreground(frame) if mask is None else mask).astype(np.uint8)
-        labels = split_items(mask, cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)) if split_touching \
-            else cv2.connectedComponents(mask)[1]
-        return self._boxes(labels, frame.shape[1] / self.size[0], frame.shape[0] / self.size[1])
+        return self.boxes(self.label_items(frame, mask, split_touching), frame.shape)
 
-    def _boxes(self, labels: np.ndarray, sx: float, sy: float) -> list[Region]:
+    def label_items(self, frame: np.ndarray, mask: np.ndarray | None = None, split_touching: bool = True) -> np.ndarray:
+        """Item labels at the analysis size (0 = counter) of ``mask`` (default: the frame's foreground)."""
+        mask = (self.foreground(frame) if mask is None else mask).astype(np.uint8)
+        if not split_touching:
+            return cv2.connectedComponents(mask)[1]
+        return split_items(mask, cv2.resize(np.asarray(frame)[..., :3], self.size, interpolation=cv2.INTER_AREA))
+
+    def boxes(self, labels: np.ndarray, frame_shape) -> list[Region]:
+        """Regions of a label map at the analysis size, in the pixels of a frame of ``frame_shape``, largest first."""
+        sx, sy = frame_shape[1] / self.size[0], frame_shape[0] / self.size[1]
         h, w = labels.shape
         out = []
         for lab in range(1, int(labels.max()) + 1):
@@ -176,7 +188,8 @@ class Counter:
                 continue
             x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
             edge = x0 <= 2 or y0 <= 2 or x1 >= w - 2 or y1 >= h - 2
-            out.append(Region((int(x0 * sx), int(y0 * sy), int(round(x1 * sx)), int(round(y1 * sy))), len(xs) / (h * w), bool(edge)))
+            out.append(Region((int(x0 * sx), int(y0 * sy), int(round(x1 * sx)), int(round(y1 * sy))), len(xs) / (h * w),
+                              bool(edge), lab))
         return sorted(out, key=lambda r: -r.area)
 
 

@@ -66,6 +66,27 @@ def test_an_empty_counter_and_a_moved_camera_give_no_items_and_say_why(counter):
     assert knocked.items == [] and "learn the empty counter again" in knocked.problem
 
 
+def test_items_put_down_one_by_one_keep_their_own_outlines_however_they_touch(counter):
+    """Two packets side by side, exactly aligned, make one rectangle: no shape can split it in one frame. A live
+    stream saw them put down one after the other, and that tells them apart."""
+    from ntsnet.checkout import ItemLayers
+
+    first, both = shopping((BLUE, 100, 80)), shopping((BLUE, 100, 80), (GREEN, 144, 80))
+    namer = ColourNamer()
+    assert len(Checkout(counter, namer).scan(both).items) == 1
+    layers = ItemLayers(counter)
+    for k in range(5):
+        Checkout(counter, namer).scan(relit(first, 20 + k, gain=1.05), layers)
+    for k in range(3):
+        scan = Checkout(counter, namer).scan(relit(both, 30 + k, gain=1.05), layers)
+        assert sorted(it.label for it in scan.items) == ["blue-pack", "green-pack"]
+    for k in range(5):  # the blue one taken away: the green one is still one item with its own box
+        scan = Checkout(counter, namer).scan(relit(shopping((GREEN, 144, 80)), 40 + k), layers)
+    assert [it.label for it in scan.items] == ["green-pack"] and abs(scan.items[0].box[0] - 144) <= 4
+    layers.clear()
+    assert layers.settled is None
+
+
 def item(label, box, unknown=False):
     return Item(box, label, 0.9, unknown, label)
 

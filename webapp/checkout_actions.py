@@ -1,7 +1,8 @@
 """Checkout: the learnt empty counter, every item on it named by the model that answers now, and each session's basket.
 
 A mixin of Studio (webapp/actions.py): it uses ``self.db``, ``self._answerer()`` and ``self._busy``; its own state
-(``self._counter``, ``self._baskets``) is made in Studio.__init__. The empty counter is kept in CATALOGUE/counter.npz.
+(``self._counter``; ``self._baskets``, a LiveCheckout per session) is made in Studio.__init__. The empty counter is
+kept in CATALOGUE/counter.npz.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ntsnet.checkout import Basket, Checkout, Scan, basket_of, crop_with_margin
+from ntsnet.checkout import Checkout, LiveCheckout, Scan, basket_of, crop_with_margin
 from ntsnet.counter import Counter, CounterError
 from ntsnet.draw import draw_checkout
 from ntsnet.images import ImageLoadError, image_paths, to_rgb_array
@@ -91,7 +92,7 @@ class CheckoutActions:
             raise StudioError("No empty counter learnt yet (Checkout tab): learn it before capturing on the counter.")
         rgb = to_rgb_array(frame)
         try:
-            inside, _ = Checkout(counter, None).regions(counter.check_frame(rgb))
+            inside, _, _ = Checkout(counter, None).regions(counter.check_frame(rgb))
         except CounterError as exc:
             raise StudioError(str(exc)) from None
         if not inside:
@@ -122,11 +123,18 @@ class CheckoutActions:
         if frame is None:
             return None
         rgb = np.asarray(frame)
-        scan = self.checkout_scan(rgb)
-        basket = self._baskets.get(session) or Basket()
-        counts = basket.update(scan)
-        self._baskets.put(session, basket)
-        counted = [any(t.counted and t.box == it.box for t in basket.tracks) for it in scan.items]
+        checkout = self._checkout()
+        live = self._baskets.get(session)
+        if live is None or live.checkout.counter is not checkout.counter:  # a new session, or the counter learnt again
+            live = LiveCheckout(checkout)
+        live.checkout = checkout  # the model that answers now
+        try:
+            with self._busy:
+                scan, counts = live.update(rgb)
+        except (CounterError, ImageLoadError) as exc:
+            raise StudioError(str(exc)) from None
+        self._baskets.put(session, live)
+        counted = [any(t.counted and t.box == it.box for t in live.basket.tracks) for it in scan.items]
         total = sum(counts.values())
         message = scan.problem or (f"{total} item{'s' * (total != 1)} in the basket" +
                                    (f" · {scan.at_edge} at the edge of the view (not counted)" if scan.at_edge else ""))
@@ -134,9 +142,9 @@ class CheckoutActions:
         return CheckoutView(annotated, [[name, n] for name, n in counts.items()], message, scan)
 
     def new_customer(self, session: str = "-") -> str:
-        basket = self._baskets.get(session)
-        if basket is not None:
-            basket.clear()
+        live = self._baskets.get(session)
+        if live is not None:
+            live.clear()
         return "New customer: the basket is empty."
 
     def checkout_scenes(self, paths, background=None, recogniser=None) -> list[dict]:
