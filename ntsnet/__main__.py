@@ -1,4 +1,4 @@
-"""Command line: ``python -m ntsnet predict|draw|live|checkout|push|space``."""
+"""Command line: ``python -m ntsnet predict|draw|live|checkout|export|push|space``."""
 from __future__ import annotations
 
 import argparse
@@ -104,10 +104,22 @@ def cmd_checkout(args) -> int:
     return 1 if any("error" in a for a in answers) else 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_model
+
+    try:
+        out = export_model(args.checkpoint, args.out, args.format)
+    except (FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"exported {args.checkpoint} as {args.format} to {out}: run it with `python {out / 'predict.py'} PHOTOS`")
+    return 0
+
+
 def cmd_push(args) -> int:
     from .hub import push_model
 
-    url = push_model(args.checkpoint, args.repo, private=args.private)
+    url = push_model(args.checkpoint, args.repo, private=args.private, export=args.export)
     print(f"pushed {args.checkpoint} to {url}")
     return 0
 
@@ -162,10 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenes", nargs="+", help="photos of the counter, or folders of them")
     p.set_defaults(func=cmd_checkout)
 
+    p = sub.add_parser("export", help="the model as ONNX or OpenVINO graphs with a predict.py that needs no PyTorch")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", default="onnx", choices=["onnx", "openvino"])
+    p.add_argument("--out", required=True, help="a new (or empty) folder")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("push", help="upload a checkpoint with a generated model card to the Hugging Face Hub")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--repo", required=True, help="user/name")
     p.add_argument("--private", action="store_true")
+    p.add_argument("--export", choices=["onnx", "openvino"], help="also upload the model exported so, with its predict.py")
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("space", help="push this app as a Gradio Space")

@@ -56,7 +56,7 @@ def _interval(evaluation: dict) -> str:
     return f" (95% interval {low_high[0]:.1%}-{low_high[1]:.1%})" if low_high else ""
 
 
-def model_card(checkpoint, repo_id: str, evaluation: dict | None = None) -> str:
+def model_card(checkpoint, repo_id: str, evaluation: dict | None = None, export: str | None = None) -> str:
     ckpt = load_checkpoint(checkpoint)
     cfg, extra = ckpt.config, ckpt.extra
     evaluation = evaluation or _evaluation_beside(Path(checkpoint))
@@ -92,6 +92,11 @@ def model_card(checkpoint, repo_id: str, evaluation: dict | None = None) -> str:
               f'predictor = Predictor.from_pretrained("{repo_id}")',
               'result = predictor.predict("photo.jpg")', "print(result.label, result.confidence, result.boxes)", "```", "",
               f"or live: `python app.py --checkpoint hf://{repo_id}`.", ""]
+    if export:
+        runtime = "onnxruntime" if export == "onnx" else "openvino"
+        lines += ["## Without PyTorch", "", f"`export/` holds the model as {export} graphs and a `predict.py` that needs only "
+                  f"numpy, Pillow and {runtime}; it answers as the Predictor does (label, confidence, the K boxes).", "",
+                  "```bash", f"pip install numpy pillow {runtime}", "python export/predict.py photo.jpg photos/ --json", "```", ""]
     return "\n".join(lines)
 
 
@@ -103,25 +108,35 @@ def _evaluation_beside(checkpoint: Path) -> dict | None:
     return None
 
 
-def model_operations(checkpoint, repo_id: str, evaluation: dict | None = None) -> list:
-    """The files one push uploads: weights, a readable config and the model card."""
+def model_operations(checkpoint, repo_id: str, evaluation: dict | None = None, export: str | None = None) -> list:
+    """The files one push uploads: weights, a readable config and the model card (and the export, if asked)."""
     from huggingface_hub import CommitOperationAdd
 
     ckpt = load_checkpoint(checkpoint)  # refuses a damaged file before anything is sent
     config = {"config": ckpt.config.to_dict(), "class_names": ckpt.class_names}
-    return [
+    ops = [
         CommitOperationAdd(MODEL_FILE, str(checkpoint)),
         CommitOperationAdd("config.json", json.dumps(config, indent=1, ensure_ascii=False).encode()),
-        CommitOperationAdd("README.md", model_card(checkpoint, repo_id, evaluation).encode()),
+        CommitOperationAdd("README.md", model_card(checkpoint, repo_id, evaluation, export).encode()),
     ]
+    if export:
+        import tempfile
+
+        from .export import export_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = export_model(checkpoint, Path(tmp) / "export", export)
+            ops += [CommitOperationAdd(f"export/{f.name}", f.read_bytes()) for f in sorted(folder.iterdir()) if f.is_file()]
+    return ops
 
 
-def push_model(checkpoint, repo_id: str, private: bool = False, token=None, api=None) -> str:
+def push_model(checkpoint, repo_id: str, private: bool = False, token=None, api=None, export: str | None = None) -> str:
+    """``export``: "onnx" or "openvino" also uploads the model exported that way (export/, with its predict.py)."""
     from huggingface_hub import HfApi
 
     parse_hub_ref(repo_id)
     api = api or HfApi(token=token)
-    ops = model_operations(checkpoint, repo_id)
+    ops = model_operations(checkpoint, repo_id, export=export)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         info = api.create_commit(repo_id, operations=ops, commit_message="Upload NTS-Net product recogniser", repo_type="model")

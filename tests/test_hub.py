@@ -114,6 +114,15 @@ def test_push_sends_weights_config_and_card_without_the_token(tiny_checkpoint, m
     assert "hf_SECRET" not in everything
 
 
+def test_push_can_include_the_export_and_the_card_says_how_to_run_it(tiny_checkpoint):
+    pytest.importorskip("onnx")
+    api = RecordingApi()
+    push_model(tiny_checkpoint, "shop/shelf", api=api, export="onnx")
+    files = {op.path_in_repo: _op_bytes(op) for op in api.calls[-1][2]}
+    assert {"export/predict.py", "export/export.json", "export/whole.onnx", "export/parts.onnx", "export/arrays.npz"} <= set(files)
+    assert "python export/predict.py" in files["README.md"].decode()
+
+
 def test_card_includes_the_measured_condition_table(tiny_checkpoint):
     ev = {"split": "test", "n": 30, "accuracy": 0.9, "top5": 1.0,
           "conditions": {"clean": {"n": 30, "accuracy": 0.9}, "dark": {"n": 30, "accuracy": 0.5}},
