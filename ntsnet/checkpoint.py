@@ -119,13 +119,29 @@ def load_checkpoint(path) -> Checkpoint:
     return Checkpoint(config, class_names, tensors, extra, meta["sha256"])
 
 
+def upgrade_state_dict(backbone: str, state: dict) -> dict:
+    """Weights saved before the backbones came from timm: EfficientNet-Lite's parameters renamed to timm's
+    (nothing a user trained is lost); any other state passes unchanged."""
+    old = ".net._blocks."
+    if not backbone.startswith("efficientnet_lite") or not any(old in k for k in state):
+        return state
+    from .backbones import lite_key_map
+
+    names = lite_key_map(int(backbone[-1]))
+    out = {}
+    for key, value in state.items():
+        head, sep, tail = key.partition(".net.")
+        out[head + sep + names[tail] if sep and head.endswith("features") and tail in names else key] = value
+    return out
+
+
 def build_model(ckpt: Checkpoint):
     """Instantiate the architecture the checkpoint describes and load its weights strictly."""
     from .model import create_model
 
     model = create_model(ckpt.config, pretrained=False)  # the checkpoint's weights replace any pretrained ones
     try:
-        model.load_state_dict(ckpt.state_dict, strict=True)
+        model.load_state_dict(upgrade_state_dict(ckpt.config.backbone, ckpt.state_dict), strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise CheckpointError(

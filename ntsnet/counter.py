@@ -20,9 +20,9 @@ EMPTY_BELOW = 0.004        # foreground share of the frame under which the scene
 MOVED_ABOVE = 0.6          # more foreground than this: the camera moved (or the light changed beyond a fit)
 CHROMA, BRIGHTER, DARKER, EDGES = 0.08, 0.20, 0.80, 0.12   # log-colour thresholds (above the learnt noise)
 ALIGNED_ABOVE = 0.3        # correlation of the counter's texture with the learnt one under which the camera moved
-MIN_ITEM_SHARE = 0.002
+MIN_ITEM_SHARE = 0.002     # smaller foreground blobs are specks and reflections
 SOLID_ITEM = 0.9           # a blob filling this share of its convex hull is one item: never cut
-NOTCH_SCORE = 0.8          # cut only where the line is shorter than 0.8 x the two notches' depths together     # smaller foreground blobs are specks and reflections
+NOTCH_SCORE = 0.8          # cut only where the line is shorter than 0.8 x the two notches' depths together
 FORMAT = "ntsnet-counter-v1"
 
 

@@ -48,7 +48,9 @@ def find_conv_bn_pairs(module: nn.Module, example: torch.Tensor) -> list[tuple[s
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             hooks.append(m.register_forward_hook(on_conv))
-        if not list(m.children()):  # leaves only: a container re-passes its input to its first child
+        # leaves only (a container re-passes its input to its first child), and norm+activation layers, whose
+        # children read the normalised output, not the input
+        if not list(m.children()) or isinstance(m, nn.BatchNorm2d):
             hooks.append(m.register_forward_pre_hook(on_any))
     try:
         with torch.no_grad():
@@ -66,17 +68,30 @@ def fold_batchnorm(module: nn.Module, example: torch.Tensor, rtol: float = 1e-3)
     if module.training:
         raise ValueError("fold_batchnorm needs a module in eval mode (BatchNorm must use its running statistics)")
     folded = copy.deepcopy(module)
-    pairs = find_conv_bn_pairs(folded, example)
+    pairs = [(c, b) for c, b in find_conv_bn_pairs(folded, example) if after_norm(folded.get_submodule(b)) is not None]
     for conv_name, bn_name in pairs:
         conv_parent, conv_attr = _parent_and_name(folded, conv_name)
         bn_parent, bn_attr = _parent_and_name(folded, bn_name)
-        setattr(conv_parent, conv_attr, fuse_conv_bn_eval(getattr(conv_parent, conv_attr), getattr(bn_parent, bn_attr)))
-        setattr(bn_parent, bn_attr, nn.Identity())
+        bn = getattr(bn_parent, bn_attr)
+        setattr(conv_parent, conv_attr, fuse_conv_bn_eval(getattr(conv_parent, conv_attr), bn))
+        setattr(bn_parent, bn_attr, after_norm(bn))
     with torch.no_grad():
         difference = _changed_output(module(example), folded(example), rtol)
     if difference is not None:
         raise RuntimeError(f"folding BatchNorm changed the output (max difference {difference:.3g}); not folded")
     return folded, len(pairs)
+
+
+def after_norm(bn: nn.Module) -> nn.Module | None:
+    """What a BatchNorm layer does after normalising, which stays when the normalisation is folded away: nothing
+    for a plain BatchNorm2d; dropout then activation for a norm+activation layer (timm's BatchNormAct2d keeps them
+    as ``drop`` and ``act``); None for any other kind (left unfolded)."""
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)
+    if isinstance(bn, nn.BatchNorm2d) and isinstance(act, nn.Module) and isinstance(drop, nn.Module):
+        return nn.Sequential(drop, act)
+    return None
 
 
 def _changed_output(want: torch.Tensor, got: torch.Tensor, rtol: float) -> float | None:
@@ -130,7 +145,7 @@ class TrainingFold:
         module.eval()
         try:
             pairs = [(module.get_submodule(c), module.get_submodule(b)) for c, b in find_conv_bn_pairs(module, example)]
-            self.pairs = [(c, b) for c, b in pairs if b.affine and b.track_running_stats]
+            self.pairs = [(c, b) for c, b in pairs if b.affine and b.track_running_stats and after_norm(b) is not None]
             with torch.no_grad(), exact_fp32():
                 want = module(example)
                 with self:
@@ -144,17 +159,13 @@ class TrainingFold:
     def __enter__(self):
         for conv, bn in self.pairs:
             conv.forward = _folded_forward(conv, bn)
-            bn.forward = _passthrough
+            bn.forward = after_norm(bn).forward  # what the layer does after normalising (an activation, or nothing)
         return self
 
     def __exit__(self, *exc):
         for conv, bn in self.pairs:  # the instance attributes go; the classes' forward methods are back
             del conv.forward, bn.forward
         return False
-
-
-def _passthrough(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 def _folded_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d):
@@ -165,6 +176,14 @@ def _folded_forward(conv: nn.Conv2d, bn: nn.BatchNorm2d):
         bias = bn.bias - bn.running_mean * scale
         if conv.bias is not None:
             bias = bias + conv.bias * scale
-        return conv._conv_forward(x, conv.weight * scale.reshape(-1, 1, 1, 1), bias)
+        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+        if plain:
+            return conv._conv_forward(x, weight, bias)
+        # a conv whose forward does more than convolve (timm's Conv2dSame pads first): its own forward, run on a
+        # stand-in that shares everything but the two folded tensors
+        stand_in = object.__new__(type(conv))
+        stand_in.__dict__ = {**conv.__dict__, "_parameters": {**conv._parameters, "weight": weight, "bias": bias}}
+        return type(conv).forward(stand_in, x)
 
+    plain = type(conv).forward is nn.Conv2d.forward
     return forward

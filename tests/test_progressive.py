@@ -296,7 +296,8 @@ def test_early_parameters_are_the_layers_before_stride_8():
     assert names == ["features.0", "features.1", "features.3", "features.4", "features.6", "features.7"]  # stride 2, 4, 8
     lite = create_backbone("efficientnet_lite0", pretrained=False)
     early = {id(p) for p in lite.early_parameters(8)}
-    frozen_blocks = {int(n.split("_blocks.")[1].split(".")[0]) for n, p in lite.named_parameters() if id(p) in early and "_blocks." in n}
+    blocks = [block for stage in lite.features.net.blocks for block in stage]  # timm nests them by stage
+    frozen_blocks = {i for i, block in enumerate(blocks) if any(id(p) in early for p in block.parameters())}
     assert frozen_blocks >= {0, 1, 2, 3, 4} and 6 not in frozen_blocks  # stages 1-3 (112, 56, 28 px at 224)
     assert tiny.training and lite.training  # finding them leaves the mode alone
 

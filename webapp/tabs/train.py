@@ -16,7 +16,8 @@ def build(studio, screen: Screen):
         gr.Markdown("One click trains in stages (a linear head in seconds, then fine-tuning, then NTS-Net). Each stage "
                     "answers in Recognise as soon as it is at least as accurate as the model answering now.")
         with gr.Row():
-            backbone = gr.Dropdown(list_backbones(), value="efficientnet_lite0", label="Backbone")
+            backbone = gr.Dropdown(list_backbones(), value="efficientnet_lite0", label="Backbone", allow_custom_value=True,
+                                   info="or type timm/NAME for any timm model (weights from the Hub, or NTSNET_TIMM_WEIGHTS)")
             minutes = gr.Number(label="Time budget (minutes; empty: 3 + 1 per 100 photos)", value=None)
             k_parts = gr.Radio([0, 2, 4], value=4, label="K (parts the Scrutinizer uses)")
         with gr.Accordion("Advanced: the paper's single-stage recipe", open=False):
