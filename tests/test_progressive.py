@@ -229,8 +229,10 @@ def test_unknown_threshold_keeps_known_photos_when_validation_is_tiny():
 
 def test_two_products_five_photos_train_through_every_stage(tmp_path, opencv_pool_of_two):
     cat = small_catalogue(tmp_path / "cat")
+    # ntsnet_size pinned: on a fast enough machine stage 3 would otherwise take 9/7 of the size (timing-dependent)
     cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.75,
-                            input_size=64, cat_num=2, proposal_num=3, views=3, batch_size=4, workers=0, precision="fp32", lr=0.02)
+                            input_size=64, cat_num=2, proposal_num=3, views=3, batch_size=4, workers=0, precision="fp32", lr=0.02,
+                            ntsnet_size=64)
     summary = train_progressive(cfg, log=lambda *a: None)
     assert opencv_pool_of_two.getNumThreads() == 1  # set before any DataLoader forked its workers (ntsnet/runtime.py)
     assert summary["state"] == "finished"
