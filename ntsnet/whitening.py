@@ -23,10 +23,9 @@ class Whitening:
         n, d = x.shape
         self.mean = x.mean(0, dtype=np.float64) if n else np.zeros(d)
         centred = x - self.mean.astype(np.float32)
-        if n < 2:
-            self.alpha, self.vectors, self.gains = 1.0, np.zeros((d, 0)), np.zeros(0)
-            return
-        if n < d:  # eigenpairs of the covariance from those of the Gram matrix
+        if n < 2:  # nothing varies yet: centring alone
+            lam, vectors = np.zeros(0), np.zeros((d, 0))
+        elif n < d:  # eigenpairs of the covariance from those of the Gram matrix
             lam, u = np.linalg.eigh((centred @ centred.T).astype(np.float64) / (n - 1))
             keep = lam > lam.max() * 1e-6
             lam, u = lam[keep], u[:, keep]
@@ -36,7 +35,7 @@ class Whitening:
             lam = np.clip(lam, 0, None)
         # the mean variance of the directions the photos span: with fewer photos than dimensions, the rest would
         # otherwise drag it down and the directions no photo varies in would swamp the ones they do
-        mean_var = lam.sum() / max(1, int((lam > lam.max() * 1e-10).sum()))
+        mean_var = lam.sum() / max(1, int((lam > lam.max() * 1e-10).sum())) if len(lam) else 0.0
         self.alpha = shrink * mean_var if mean_var > 0 else 1.0
         self.vectors = vectors
         # (C + aI)^(-1/2) = a^(-1/2) I + V (diag((lam + a)^(-1/2)) - a^(-1/2)) V^T

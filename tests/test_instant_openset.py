@@ -226,3 +226,15 @@ def test_a_large_index_refits_beside_the_answers_and_edits_never_break_a_query(m
         index.classify(unit(rng.standard_normal(32))[None])
     t.join()
     assert not errors
+
+
+def test_an_index_of_one_photo_or_of_identical_photos_still_answers():
+    """The first capture makes a one-photo index (nothing varies yet), a burst of a still frame identical photos:
+    the whitening then only centres, and the index answers instead of failing."""
+    from ntsnet.instant import InstantIndex
+
+    e = np.ones(8, np.float32) / np.sqrt(8)
+    one = InstantIndex.from_embeddings([(1, "a", e)])
+    assert one.classify(e[None])[0].best_guess == "a"
+    same = InstantIndex.from_embeddings([(1, "a", e), (2, "a", e), (3, "b", -e)])
+    assert same.classify(-e[None])[0].best_guess == "b"
