@@ -155,7 +155,8 @@ class InstantIndex:
         return sorted(self.counts)
 
     def prototypes(self) -> tuple[list[str], np.ndarray]:
-        return self.snapshot().prototypes()
+        with self._lock:
+            return unit_prototypes(self.counts, self.sums)
 
     def snapshot(self) -> "IndexSnapshot":
         with self._lock:
@@ -257,13 +258,14 @@ class IndexSnapshot:
         self.labels = [index.labels[i] for i in ids]
         self.counts, self.sums = dict(index.counts), dict(index.sums)  # sums are replaced on edit, never changed in place
 
-    def prototypes(self) -> tuple[list[str], np.ndarray]:
-        names = sorted(self.counts)
-        if not names:
-            return [], np.zeros((0, 0), np.float32)
-        protos = np.stack([self.sums[n] / self.counts[n] for n in names])
-        protos /= np.linalg.norm(protos, axis=1, keepdims=True) + 1e-12
-        return names, protos.astype(np.float32)
+def unit_prototypes(counts: dict, sums: dict) -> tuple[list[str], np.ndarray]:
+    """(sorted product names, their unit-length mean embeddings) from running counts and sums."""
+    names = sorted(counts)
+    if not names:
+        return [], np.zeros((0, 0), np.float32)
+    protos = np.stack([sums[n] / counts[n] for n in names])
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True) + 1e-12
+    return names, protos.astype(np.float32)
 
 
 class WhitenedView:
@@ -279,7 +281,7 @@ class WhitenedView:
 
     def __init__(self, snap: "IndexSnapshot"):
         self.version, self.photos, self.made = snap.version, len(snap.labels), time.monotonic()
-        self.names, self.plain = snap.prototypes()
+        self.names, self.plain = unit_prototypes(snap.counts, snap.sums)
         self.threshold = None
         if not self.names:
             return
