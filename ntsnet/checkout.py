@@ -65,10 +65,14 @@ class Checkout:
         """``split`` False: one item per connected blob (touching items stay one)."""
         self.counter, self.recogniser, self.split = counter, recogniser, split
 
-    def regions(self, frame: np.ndarray, mask=None, layers: "ItemLayers | None" = None):
+    def regions(self, frame: np.ndarray, mask=None, layers: "ItemLayers | None" = None, now=None):
         """(items to recognise, regions at the frame's edge, the label map). ``layers``: a live stream's memory of
-        the items already lying still, which tells a new item from its neighbours however closely they touch."""
-        labels = layers.label_items(frame, mask) if layers is not None else self.counter.label_items(frame, mask, self.split)
+        the items already lying still, which tells a new item from its neighbours however closely they touch.
+        ``mask``, ``now``: the frame's foreground and log colour, when the caller has them."""
+        if layers is not None:
+            labels = layers.label_items(frame, mask, now)
+        else:
+            labels = self.counter.label_items(frame, mask, self.split)
         found = self.counter.boxes(labels, frame.shape)
         inside = [r for r in found if not r.at_edge and min(r.box[2] - r.box[0], r.box[3] - r.box[1]) >= MIN_CROP_PX]
         return inside, [r for r in found if r.at_edge], labels
@@ -77,23 +81,25 @@ class Checkout:
         """Each item's crop with its margin, the neighbours that reach into it painted over with the empty counter;
         and each crop's top-left corner in the frame."""
         big = cv2.resize(labels.astype(np.int32), (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_NEAREST)
-        empty = self.counter.empty_view(frame.shape)
+        empty = None
         out = []
         for r in regions:
             crop, (ox, oy) = crop_with_margin(frame, r.box)
             lab = big[oy:oy + crop.shape[0], ox:ox + crop.shape[1]]
             others = (lab > 0) & (lab != r.label)
             if others.any():
+                empty = self.counter.empty_view(frame.shape) if empty is None else empty
                 crop = np.where(others[..., None], empty[oy:oy + crop.shape[0], ox:ox + crop.shape[1]], crop)
             out.append((np.ascontiguousarray(crop), (ox, oy)))
         return out
 
     def scan(self, frame: np.ndarray, layers: "ItemLayers | None" = None) -> Scan:
         frame = self.counter.check_frame(frame)
-        mask = self.counter.foreground(frame)
-        if self.counter.moved(frame, mask):
+        now = self.counter.log_colour(frame)  # once: the foreground, the moved check and the layers all read it
+        mask = self.counter.foreground(frame, now)
+        if self.counter.moved(frame, mask, now):
             return Scan([], problem="The camera moved or the light changed beyond recognition: learn the empty counter again.")
-        inside, edge, labels = self.regions(frame, mask, layers)
+        inside, edge, labels = self.regions(frame, mask, layers, now)
         if not inside:
             return Scan([], at_edge=len(edge))
         crops, corners = zip(*self.crops(frame, inside, labels))
@@ -121,23 +127,26 @@ class ItemLayers:
         self._previous: Counter | None = None
         self._still = 0
 
-    def label_items(self, frame: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-        frame = np.asarray(frame)[..., :3]
-        mask = self.counter.foreground(frame) if mask is None else mask
+    def label_items(self, frame: np.ndarray, mask: np.ndarray | None = None, now: np.ndarray | None = None) -> np.ndarray:
+        """Item labels at the analysis size; ``mask``, ``now``: the frame's foreground and log colour, if known
+        (every counter here shares the empty counter's analysis size, so one log colour serves them all)."""
+        frame = self.counter.check_frame(frame)
+        now = self.counter.log_colour(frame) if now is None else now
+        mask = self.counter.foreground(frame, now) if mask is None else mask
         if self.settled is None:
             labels = self.counter.label_items(frame, mask, self.split)
         else:
-            added = mask & self.settled.foreground(frame)          # on the counter now and not in the settled scene
+            added = mask & self.settled.foreground(frame, now)     # on the counter now and not in the settled scene
             kept = np.where(mask & ~added, self.settled_labels, 0)  # settled items' pixels still there
             new = self.counter.label_items(frame, added, self.split)
             labels = np.where(new > 0, new + kept.max(), kept)
-        self._note_stillness(frame, labels)
+        self._note_stillness(frame, now, labels)
         return labels
 
-    def _note_stillness(self, frame: np.ndarray, labels: np.ndarray):
-        moving = self._previous is not None and self._previous.foreground(frame).mean() > 0.002
+    def _note_stillness(self, frame: np.ndarray, now: np.ndarray, labels: np.ndarray):
+        moving = self._previous is not None and self._previous.foreground(frame, now).mean() > 0.002
         self._still = 0 if (self._previous is None or moving) else self._still + 1
-        self._previous = Counter.learn([frame], width=self.counter.size[0])
+        self._previous = Counter.from_logs([now], self.counter.frame_size)
         if self._still >= self.still_frames:  # settled: later frames are compared with this scene
             self.settled, self.settled_labels = self._previous, labels
             self._still = 0
@@ -165,7 +174,8 @@ class LiveCheckout:
         self.layers.clear()
 
 
-def _iou(a, b) -> float:
+def iou(a, b) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
     ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
@@ -206,8 +216,8 @@ class Basket:
             return self.counts()
         unmatched = list(range(len(self.tracks)))
         for item in sorted(scan.items, key=lambda it: -(it.box[2] - it.box[0]) * (it.box[3] - it.box[1])):
-            best = max(unmatched, key=lambda t: _iou(self.tracks[t].box, item.box), default=None)
-            if best is None or _iou(self.tracks[best].box, item.box) < 0.3:
+            best = max(unmatched, key=lambda t: iou(self.tracks[t].box, item.box), default=None)
+            if best is None or iou(self.tracks[best].box, item.box) < 0.3:
                 self.tracks.append(Track(item.box, now, now, Tally([item.label])))
                 continue
             unmatched.remove(best)
@@ -231,6 +241,3 @@ class Basket:
 
     def counts(self) -> dict[str, int]:
         return dict(sorted(Tally(t.label for t in self.tracks if t.counted).items()))
-
-    def counted_items(self) -> list[Track]:
-        return [t for t in self.tracks if t.counted]

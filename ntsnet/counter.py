@@ -72,9 +72,13 @@ class Counter:
             raise CounterError("the empty-counter frames differ in size: were they taken by one camera?")
         h, w = shape
         size = (width, max(8, round(width * h / w)))
-        logs = np.stack([_log_rgb(f, size) for f in frames])
-        noise = np.maximum(logs.std(0).mean(-1), 0.01)
-        return cls(logs.mean(0), noise, (w, h))
+        return cls.from_logs([_log_rgb(f, size) for f in frames], (w, h))
+
+    @classmethod
+    def from_logs(cls, logs, frame_size: tuple[int, int]) -> "Counter":
+        """From frames already in log colour at the analysis size (``log_colour``); ``frame_size``: (width, height)."""
+        logs = np.stack(logs)
+        return cls(logs.mean(0), np.maximum(logs.std(0).mean(-1), 0.01), frame_size)
 
     def save(self, path: Path):
         path = Path(path)
@@ -128,9 +132,13 @@ class Counter:
             out[..., c] = r.reshape(d.shape[:2])
         return out
 
-    def foreground(self, frame: np.ndarray) -> np.ndarray:
-        """Bool mask at the analysis size: where something lies on the counter."""
-        now = _log_rgb(self.check_frame(frame), self.size)
+    def log_colour(self, frame: np.ndarray) -> np.ndarray:
+        """The frame as this counter compares it: log colour at the analysis size (compute once, pass as ``now``)."""
+        return _log_rgb(self.check_frame(frame), self.size)
+
+    def foreground(self, frame: np.ndarray, now: np.ndarray | None = None) -> np.ndarray:
+        """Bool mask at the analysis size: where something lies on the counter. ``now``: the frame's log_colour."""
+        now = self.log_colour(frame) if now is None else now
         r = self.residual(now)
         bright = r.mean(-1)
         chroma = np.sqrt(((r - bright[..., None]) ** 2).sum(-1))
@@ -148,11 +156,12 @@ class Counter:
         """The frame shows the learnt empty counter (any light): nothing to recognise."""
         return self.foreground_share(frame) < EMPTY_BELOW
 
-    def moved(self, frame: np.ndarray, mask: np.ndarray | None = None) -> bool:
+    def moved(self, frame: np.ndarray, mask: np.ndarray | None = None, now: np.ndarray | None = None) -> bool:
         """So much changed that the camera must have moved: the counter should be learnt again. Also when the
         counter's own texture, where no item covers it, no longer lines up with what was learnt (a knock onto a
-        look-alike part of it). ``mask``: this frame's foreground, when the caller has it already."""
-        mask = self.foreground(frame) if mask is None else mask
+        look-alike part of it). ``mask``, ``now``: this frame's foreground and log_colour, when the caller has them."""
+        now = self.log_colour(frame) if now is None else now
+        mask = self.foreground(frame, now) if mask is None else mask
         if mask.mean() > MOVED_ABOVE:
             return True
         bare = ~cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
@@ -160,8 +169,8 @@ class Counter:
         texture = float((learnt ** 2).sum())
         if texture < 1e-5 * len(learnt):  # a plain counter: nothing to line up
             return False
-        now = _gradient(_log_rgb(self.check_frame(frame), self.size).mean(-1))[bare]
-        corr = float((now * learnt).sum() / np.sqrt((now ** 2).sum() * texture + 1e-12))
+        grad = _gradient(now.mean(-1))[bare]
+        corr = float((grad * learnt).sum() / np.sqrt((grad ** 2).sum() * texture + 1e-12))
         return corr < ALIGNED_ABOVE
 
     # ----------------------------------------------------------------------------------- items
