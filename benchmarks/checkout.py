@@ -28,21 +28,16 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from common import DATA, machine_line  # noqa: E402
+from common import DATA, grocery_photos, machine_line  # noqa: E402
 from counter_scenes import camera_frames, counter_surface, light_change  # noqa: E402
+from ntsnet.checkout import iou  # noqa: E402
 from open_set import FIRST_DRAW  # noqa: E402
 
 H, W = 480, 640
 
 
 def lists():
-    names = {int(r[1]): r[0] for r in (line.split(",") for line in (DATA / "classes.csv").read_text().splitlines()[1:] if line)}
-
-    def read(split):
-        rows = [line.split(",") for line in (DATA / f"{split}.txt").read_text().splitlines() if line.strip()]
-        return [(str(DATA / p.strip().lstrip("/")), names[int(label)]) for p, label, *_ in rows]
-
-    return read("train"), read("val")
+    return grocery_photos("train"), grocery_photos("val")
 
 
 def cutout(path: str, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -167,13 +162,6 @@ class InstantItems:
 
     def predict_batch(self, arrays):
         return self.index.classify(self.embed(arrays))
-
-
-def iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def match(pred_boxes, true_boxes):

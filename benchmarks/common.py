@@ -15,6 +15,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def grocery_photos(split: str) -> list[tuple[str, str]]:
+    """(path, product name) of each grocery photo of a split ("train" or "val"), in the list file's order."""
+    names = {int(r.split(",")[1]): r.split(",")[0] for r in (DATA / "classes.csv").read_text().splitlines()[1:] if r.strip()}
+    rows = [line.split(",") for line in (DATA / f"{split}.txt").read_text().splitlines() if line.strip()]
+    return [(str(DATA / path.strip().lstrip("/")), names[int(label)]) for path, label, *_ in rows]
+
+
 def cpu_line() -> str:
     """The CPU model and its vector flags (AVX, AMX, FMA, F16C), printed next to every CPU figure."""
     try:

@@ -24,24 +24,20 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from common import DATA, machine_line  # noqa: E402
+from common import grocery_photos, machine_line  # noqa: E402
 from counter_scenes import camera_frames, counter_surface, light_change  # noqa: E402
 
 CAPTURED = 12  # Collect's empty-scene burst: 3 s at 250 ms
 
 
 def grocery_lists(per_product: int):
-    def read(split):
-        rows = [line.split(",") for line in (DATA / f"{split}.txt").read_text().splitlines() if line.strip()]
-        return [(str(DATA / p.strip().lstrip("/")), int(label)) for p, label, *_ in rows]
-
-    names = {int(r[1]): r[0] for r in (line.split(",") for line in (DATA / "classes.csv").read_text().splitlines()[1:] if line)}
+    """The first ``per_product`` training photos of each product, and every val photo: (path, name) lists."""
     train, seen = [], {}
-    for path, label in read("train"):
-        if seen.get(label, 0) < per_product:
-            train.append((path, names[label]))
-            seen[label] = seen.get(label, 0) + 1
-    return train, [(p, names[label]) for p, label in read("val")]
+    for path, name in grocery_photos("train"):
+        if seen.get(name, 0) < per_product:
+            train.append((path, name))
+            seen[name] = seen.get(name, 0) + 1
+    return train, grocery_photos("val")
 
 
 def product_in_view(surface, path: str, rng) -> np.ndarray:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import DATA, machine_line, median_ms  # noqa: E402
+from common import grocery_photos, machine_line, median_ms  # noqa: E402
 
 
 def load_predict(folder: Path):
@@ -39,7 +39,7 @@ def main():
     from ntsnet.images import to_rgb_array
 
     print(machine_line())
-    paths = [str(DATA / line.split(",")[0].strip()) for line in (DATA / "val.txt").read_text().splitlines() if line.strip()][: args.n]
+    paths = [path for path, _ in grocery_photos("val")][: args.n]
     photos = [to_rgb_array(p) for p in paths]
     reference = Predictor.from_checkpoint(args.checkpoint, backend="torch", precision="fp32")
     want = [reference.predict(p) for p in photos]
