@@ -180,3 +180,19 @@ def test_checkout_cli_answers_each_scene_in_order_and_reports_a_bad_one(shop, tm
     assert answers[0]["basket"] == {"blue-pack": 1, "green-pack": 1} and answers[3]["basket"] == {"blue-pack": 1}
     first = answers[0]["items"][0]
     assert set(first) == {"box", "label", "confidence", "unknown", "best_guess", "parts"} and len(first["box"]) == 4
+
+
+def test_checkout_scenes_say_what_is_missing_once_and_leave_the_apps_counter_alone(tmp_path):
+    from webapp.actions import Studio
+    from webapp.common import StudioError
+
+    studio = Studio(tmp_path / "cat")
+    scene = tmp_path / "scene.png"
+    Image.fromarray(shopping((BLUE, 40, 40))).save(scene)
+    with pytest.raises(StudioError, match="No empty counter learnt"):
+        studio.checkout_scenes([scene])
+    empty = tmp_path / "empty.png"
+    Image.fromarray(relit(SCENE, 70)).save(empty)
+    with pytest.raises(StudioError, match="No model yet"):
+        studio.checkout_scenes([scene], background=empty)
+    assert studio.counter() is None and not studio.counter_path.exists()  # the CLI's background is its own

@@ -100,8 +100,8 @@ class CheckoutActions:
         return np.ascontiguousarray(crop_with_margin(rgb, inside[0].box)[0])  # the largest item: the one being captured
 
     # ------------------------------------------------------------------------------------- scan
-    def _checkout(self, recogniser=None) -> Checkout:
-        counter = self.counter()
+    def _checkout(self, recogniser=None, counter: Counter | None = None) -> Checkout:
+        counter = counter or self.counter()
         if counter is None:
             raise StudioError("No empty counter learnt yet: clear the counter and click “Learn the empty counter”.")
         recogniser = recogniser or self._answerer()[0]
@@ -151,18 +151,19 @@ class CheckoutActions:
         """The CLI's answer: per photo of the counter, its items and basket (a bad photo is reported, the rest answered).
         ``background``: photos of the empty counter to learn first (else the learnt one); ``recogniser``: a model to
         use instead of the one that answers in the app."""
-        if background:
+        counter = None
+        if background:  # learnt for these scenes only: the app's counter stays as it is
             try:
-                self._counter = learn_counter_from(background if isinstance(background, (list, tuple)) else [background])
+                counter = learn_counter_from(background if isinstance(background, (list, tuple)) else [background])
             except CounterError as exc:
                 raise StudioError(str(exc)) from None
+        checkout = self._checkout(recogniser, counter)  # no counter or no model: one clear error, before any scene
         out = []
         for path in image_paths([str(p) for p in paths]):
             try:
-                scan = self.checkout_scan(to_rgb_array(path), recogniser)
-            except (ImageLoadError, StudioError) as exc:
-                if "No model yet" in str(exc) or "No empty counter" in str(exc):
-                    raise
+                with self._busy:
+                    scan = checkout.scan(to_rgb_array(path))
+            except (ImageLoadError, CounterError) as exc:
                 out.append({"path": path, "error": str(exc)})
                 continue
             out.append({"path": path, "items": [it.to_dict() for it in scan.items], "basket": basket_of(scan.items),
