@@ -244,7 +244,7 @@ def _build_any_timm(name: str, pretrained: bool) -> FeatureBackbone:
     import timm
 
     model_name = name[len(TIMM_PREFIX):]
-    if model_name not in timm.list_models(pretrained=False) and not timm.is_model(model_name.split(".")[0]):
+    if not timm.is_model(model_name.split(".")[0]):  # "name.tag" names one set of a model's weights
         raise ValueError(f"timm has no model {model_name!r} (timm {timm.__version__}); see timm.list_models()")
     local = os.environ.get("NTSNET_TIMM_WEIGHTS")
     overlay = {"file": local} if pretrained and local else None

@@ -41,7 +41,7 @@ def _to_onnx(module: torch.nn.Module, size: int, path: Path, outputs: list[str])
 
 def _arrays(model) -> dict[str, np.ndarray]:
     cfg = model.config
-    out = {f"{name}.{p}": getattr(model, name).__getattr__(p).detach().float().numpy()
+    out = {f"{name}.{p}": getattr(getattr(model, name), p).detach().float().numpy()
            for name in ("raw_head", "teacher_head", "scrutinizer_head") if hasattr(model, name) for p in ("weight", "bias")}
     if cfg.model == "ntsnet":
         anchors = generate_anchors(cfg.input_size)

@@ -26,7 +26,6 @@ class Graphs:
     """The exported graphs on ONNX Runtime (model.onnx files) or OpenVINO (.xml files), two threads by default."""
 
     def __init__(self, folder: Path, spec: dict, runtime: str = "auto", threads: int = 2):
-        self.runtime = runtime
         if runtime == "auto":
             runtime = "onnxruntime" if spec["format"] == "onnx" else "openvino"
         self.runtime, self.run = runtime, {}
