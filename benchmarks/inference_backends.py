@@ -110,6 +110,8 @@ def predictor_as_before(predictor):
     import warnings
 
     import openvino as ov
+
+    from ntsnet import compiled
     from torchvision.ops import roi_align
 
     net, size = predictor.net, predictor.net.config.input_size
@@ -124,6 +126,7 @@ def predictor_as_before(predictor):
             return self.net.part_features(roi_align(x, rois, (part, part), 1.0, 2, True))
 
     example = (torch.zeros(1, 3, size, size), torch.tensor([[0.0, -8, -8, size / 2, size / 2], [0, 4, 4, size - 1, size - 1]]))
+    compiled.quiet_converter()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = ov.convert_model(Boxes(), example_input=example, input=[(-1, 3, size, size), (-1, 5)])

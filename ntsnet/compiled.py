@@ -100,10 +100,23 @@ class _Pooled(nn.Module):
         return self.backbone(x).float().mean((2, 3))
 
 
+def quiet_converter() -> None:
+    """OpenVINO's converter reports every conversion to Google Analytics, each report from a process forked by a
+    thread pool; a fork while another thread was inside OpenBLAS deadlocked that thread (the app's label review hung
+    for good). A store's machine has no business reporting either: the converter gets OpenVINO's own stand-in, the
+    one it uses when the telemetry package is missing."""
+    from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils, utils
+
+    for module in (convert_impl, telemetry_utils, utils):
+        module.tm = telemetry_stub
+
+
 def _convert(module: nn.Module, size: int, path: Path):
     import warnings
 
     import openvino as ov
+
+    quiet_converter()
 
     example = torch.zeros(1, 3, size, size)
     shapes = [(-1, 3, size, size)]  # any batch size

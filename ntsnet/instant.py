@@ -27,7 +27,7 @@ from .checkpoint import atomic_write
 from .device import exact_fp32, resolve_device, to_device_of
 from .images import PREPROCESSING, to_input_tensor, to_rgb_array
 from .predictor import Prediction
-from .runtime import keep_freed_memory, single_torch_thread
+from .runtime import background_work, keep_freed_memory, single_torch_thread
 from .whitening import Whitening, whitened_prototypes
 
 log = logging.getLogger("ntsnet")
@@ -66,8 +66,7 @@ class Embedder:
                     log.warning("ntsnet: compiled embedder unavailable (%s); using eager PyTorch", str(exc).splitlines()[0] if str(exc) else exc)
 
             if background:
-                self._thread = threading.Thread(target=build, name="ntsnet-embedder-export", daemon=True)
-                self._thread.start()
+                self._thread = background_work(build, "ntsnet-embedder-export")
             else:
                 build()
 
@@ -178,8 +177,7 @@ class InstantIndex:
         with self._lock:
             if self._refitting is None or not self._refitting.is_alive():
                 snap = IndexSnapshot(self)
-                self._refitting = threading.Thread(target=self._refit, args=(snap,), name="ntsnet-instant-refit", daemon=True)
-                self._refitting.start()
+                self._refitting = background_work(self._refit, "ntsnet-instant-refit", args=(snap,))
         return view
 
     def _refit(self, snap: "IndexSnapshot"):

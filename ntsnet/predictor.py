@@ -21,7 +21,7 @@ from .fuse import inference_copy
 from .device import gpu_has_bf16, inference_batch, resolve_device
 from .images import to_input_tensor, to_rgb_array
 from .model import answer_probabilities
-from .runtime import isa_cap_allows_bf16, keep_freed_memory, single_torch_thread
+from .runtime import background_work, isa_cap_allows_bf16, keep_freed_memory, single_torch_thread
 
 log = logging.getLogger("ntsnet")
 
@@ -180,8 +180,7 @@ class Predictor:
             self.build_error = str(exc)
         if self.engine is None:
             if background:
-                self._build_thread = threading.Thread(target=build, name="ntsnet-openvino-export", daemon=True)
-                self._build_thread.start()
+                self._build_thread = background_work(build, "ntsnet-openvino-export")
             else:
                 build()
 

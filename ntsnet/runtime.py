@@ -7,15 +7,18 @@ maximum for this setting) and trimming only above 256 MiB costs at most that muc
 
 ``single_torch_thread`` keeps PyTorch's thread pool off the cores while a compiled graph runs one frame.
 ``opencv_on_one_thread`` keeps a training process's DataLoader workers from each blurring with a pool of threads.
+``background_work`` runs a build beside the answers and lets the process end only after it.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import ctypes.util
 import os
 import sys
 import threading
+import weakref
 
 def isa_cap_allows_bf16(training: bool = False) -> bool:
     """oneDNN (in PyTorch and in OpenVINO's convolutions) never goes above ``ONEDNN_MAX_CPU_ISA``. Capped below
@@ -103,3 +106,22 @@ def torch_threads() -> int:
 
     with _glue_lock:
         return _glue_outside if _glue_scopes else torch.get_num_threads()
+
+
+_background: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+
+
+def background_work(target, name: str, args=()) -> threading.Thread:
+    """Start ``target`` in a thread that never holds up an answer but is joined when the process ends: a daemon
+    thread still inside OpenVINO or PyTorch while the interpreter tears down aborts the whole process
+    ("terminate called without an active exception"), which turned a command's exit status into SIGABRT."""
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    _background.add(thread)
+    thread.start()
+    return thread
+
+
+@atexit.register
+def _join_background_work():
+    for thread in list(_background):
+        thread.join()

@@ -54,6 +54,18 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fresh_export_cache(tmp_path_factory):
+    """Compiled exports start uncached, as on CI: a build still running when a command ends must not break it."""
+    old = os.environ.get("NTSNET_CACHE")
+    os.environ["NTSNET_CACHE"] = str(tmp_path_factory.mktemp("ntsnet-cache"))
+    yield
+    if old is None:
+        os.environ.pop("NTSNET_CACHE", None)
+    else:
+        os.environ["NTSNET_CACHE"] = old
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(123)

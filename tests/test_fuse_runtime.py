@@ -3,16 +3,21 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from pathlib import Path
+
 from synthetic import draw_product
 from ntsnet import Predictor, load_checkpoint, save_checkpoint
 from ntsnet.backbones import create_backbone
 from ntsnet.fuse import TrainingFold, find_conv_bn_pairs, fold_batchnorm
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _randomise_bn_statistics(module: nn.Module, seed: int = 0):
@@ -254,3 +259,14 @@ def test_one_frame_answers_the_same_with_or_without_the_thread_pool(tiny_checkpo
     assert torch.get_num_threads() == threads
     (pooled,) = pred._predict_batch([frame], 5, None, 4)  # the same call on PyTorch's pool
     assert one.to_dict() == pooled.to_dict()
+
+
+def test_the_process_ends_only_after_its_background_builds(tmp_path):
+    # a daemon thread cut off inside native code aborted the checkout command with SIGABRT instead of its status
+    done = tmp_path / "done"
+    code = ("import sys, time; from ntsnet.runtime import background_work\n"
+            f"background_work(lambda: (time.sleep(1.0), open({str(done)!r}, 'w').write('built')), 'build')\n"
+            "sys.exit(3)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert done.read_text() == "built"
