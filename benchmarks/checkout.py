@@ -1,6 +1,6 @@
 """The checkout counter on scenes built from real grocery photos: are the items found, named, flagged, counted?
 
-    python benchmarks/checkout.py [--scenes 60] [--run RUN_DIR] [--no-split] [--json out.json]
+    python benchmarks/checkout.py [--scenes 60] [--run RUN_DIR] [--no-split | --finder PATH] [--json out.json]
 
 Each scene: a rendered counter surface (benchmarks/counter_scenes.py) learnt from 12 frames of it; then 1-8 items
 put down, each a real grocery val photo's middle (70%) as a cut-out, scaled to 90-150 px on a 640x480 frame,
@@ -32,6 +32,7 @@ from common import DATA, grocery_photos, machine_line  # noqa: E402
 from counter_scenes import camera_frames, counter_surface, light_change  # noqa: E402
 from ntsnet.checkout import iou  # noqa: E402
 from open_set import FIRST_DRAW  # noqa: E402
+from training.composites import compose as compose_scene, cut_out, positions as place_items  # noqa: E402
 
 H, W = 480, 640
 
@@ -41,73 +42,17 @@ def lists():
 
 
 def cutout(path: str, rng) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB, mask) of an item seen from above: the photo's middle, scaled, rotated."""
-    im = np.asarray(Image.open(path).convert("RGB"))
-    h, w = im.shape[:2]
-    im = im[int(0.15 * h):int(0.85 * h), int(0.15 * w):int(0.85 * w)]
-    long_side = rng.uniform(90, 150)
-    s = long_side / max(im.shape[:2])
-    im = cv2.resize(im, (max(8, int(im.shape[1] * s)), max(8, int(im.shape[0] * s))), interpolation=cv2.INTER_AREA)
-    angle = rng.uniform(-30, 30)
-    h, w = im.shape[:2]
-    side = int(np.ceil(np.hypot(h, w))) + 2
-    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
-    m[:, 2] += ((side - w) / 2, (side - h) / 2)
-    rgb = cv2.warpAffine(im, m, (side, side), flags=cv2.INTER_LINEAR)
-    mask = cv2.warpAffine(np.full((h, w), 255, np.uint8), m, (side, side), flags=cv2.INTER_NEAREST) > 127
-    ys, xs = np.nonzero(mask)
-    return rgb[ys.min():ys.max() + 1, xs.min():xs.max() + 1], mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    """(RGB, mask) of an item seen from above: the photo's middle, 90-150 px, rotated."""
+    return cut_out(np.asarray(Image.open(path).convert("RGB")), rng)
 
 
 def positions(rng, sizes, touching: bool):
-    """Top-left corners for items of ``sizes`` [(h, w)], or None when they do not fit."""
-    placed = []
-    for h, w in sizes:
-        for _ in range(200):
-            if touching and placed:
-                (py, px), (ph, pw) = placed[int(rng.integers(len(placed)))]
-                side = int(rng.integers(4))
-                overlap = rng.uniform(0, 0.1)
-                if side == 0:
-                    x, y = px + pw - int(overlap * w), py + int(rng.uniform(-0.3, 0.3) * ph)
-                elif side == 1:
-                    x, y = px - w + int(overlap * w), py + int(rng.uniform(-0.3, 0.3) * ph)
-                elif side == 2:
-                    x, y = px + int(rng.uniform(-0.3, 0.3) * pw), py + ph - int(overlap * h)
-                else:
-                    x, y = px + int(rng.uniform(-0.3, 0.3) * pw), py - h + int(overlap * h)
-            else:
-                x, y = int(rng.integers(12, W - w - 12)), int(rng.integers(12, H - h - 12))
-            if not (12 <= x <= W - w - 12 and 12 <= y <= H - h - 12):
-                continue
-            gap = -0.12 * min(h, w) if touching else 12  # touching: no item hides more than about a tenth of another
-            if all(x + w + gap <= qx or qx + qw + gap <= x or y + h + gap <= qy or qy + qh + gap <= y
-                   for (qy, qx), (qh, qw) in placed):
-                placed.append(((y, x), (h, w)))
-                break
-        else:
-            return None
-    return [p for p, _ in placed]
+    return place_items(rng, sizes, touching, H, W)
 
 
-def compose(surface, items, corners, rng):
+def compose(surface, items, corners, rng=None):
     """The scene and each item's visible box."""
-    scene = surface.astype(np.float32)
-    owner = np.full((H, W), -1, np.int32)
-    for k, ((rgb, mask), (y, x)) in enumerate(zip(items, corners)):
-        h, w = mask.shape
-        shade = np.zeros((H, W), np.float32)
-        shade[y:y + h, x:x + w][mask] = 1
-        shade = cv2.GaussianBlur(np.roll(shade, (5, 5), (0, 1)), (0, 0), 4)
-        scene *= (1 - 0.35 * shade)[..., None]
-        region = scene[y:y + h, x:x + w]
-        region[mask] = rgb[mask]
-        owner[y:y + h, x:x + w][mask] = k
-    boxes = []
-    for k in range(len(items)):
-        ys, xs = np.nonzero(owner == k)
-        boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) if len(xs) else None)
-    return np.clip(scene, 0, 255).astype(np.uint8), boxes
+    return compose_scene(surface, items, corners)
 
 
 def counter_crop(path: str, rng, surfaces) -> np.ndarray:
@@ -178,7 +123,7 @@ def one_by_one(checkout, surface, items, corners, rng):
     light with fresh sensor noise; returns the last frame, its visible boxes and the ItemLayers."""
     from ntsnet.checkout import ItemLayers
 
-    layers = ItemLayers(checkout.counter)
+    layers = ItemLayers(checkout.counter, finder=checkout.finder)
     light_seed = int(rng.integers(1 << 30))
     for k in range(1, len(items) + 1):
         frame, boxes = compose(surface, items[:k], corners[:k], rng)
@@ -189,7 +134,8 @@ def one_by_one(checkout, surface, items, corners, rng):
     return shown, boxes, layers
 
 
-def run_layout(recogniser, val, unknown_names, touching: bool, scenes: int, seed: int, split: bool, sequential: bool = False):
+def run_layout(recogniser, val, unknown_names, touching: bool, scenes: int, seed: int, split: bool, sequential: bool = False,
+               finder=None):
     from ntsnet.checkout import Checkout, basket_of
     from ntsnet.counter import Counter
 
@@ -207,7 +153,7 @@ def run_layout(recogniser, val, unknown_names, touching: bool, scenes: int, seed
                      for _ in range(n)]
             items = [cutout(p, rng) for p, _ in picks]
             corners = positions(rng, [m.shape for _, m in items], touching)
-        checkout = Checkout(Counter.learn(camera_frames(surface, rng, 12)), recogniser, split=split)
+        checkout = Checkout(Counter.learn(camera_frames(surface, rng, 12)), recogniser, split=split, finder=finder)
         layers = None
         if sequential:
             frame, boxes, layers = one_by_one(checkout, surface, items, corners, rng)
@@ -242,7 +188,7 @@ def run_layout(recogniser, val, unknown_names, touching: bool, scenes: int, seed
             "cacc_scenes": t["cacc_scenes"], "fps": div(scenes, t["seconds"])}
 
 
-def six_items_speed(recogniser, val, scenes: int = 15) -> float:
+def six_items_speed(recogniser, val, scenes: int = 15, finder=None) -> float:
     """Median frames/s of Checkout.scan with six separated items in view (the issue's speed case)."""
     from ntsnet.checkout import Checkout
     from ntsnet.counter import Counter
@@ -258,9 +204,29 @@ def six_items_speed(recogniser, val, scenes: int = 15) -> float:
             items = [cutout(val[int(rng.integers(len(val)))][0], rng) for _ in range(6)]
             corners = positions(rng, [m.shape for _, m in items], False)
         frame = light_change(compose(surface, items, corners, rng)[0], rng, strength=0.7)
-        checkout = Checkout(Counter.learn(camera_frames(surface, rng, 12)), recogniser)
+        checkout = Checkout(Counter.learn(camera_frames(surface, rng, 12)), recogniser, finder=finder)
         times.append(median_ms(lambda: checkout.scan(frame), runs=3, warmup=1))
     return 1000.0 / float(np.median(times))
+
+
+def item_finder(path: Path, train, seed: int):
+    """The item finder at PATH, trained there first if missing: on the known products' training photos (never the
+    scenes' val photos) on 12 rendered counters that no scene uses."""
+    from ntsnet.counter import Counter
+    from ntsnet.item_finder import ItemFinder
+    from training.item_finder import FinderTrainConfig, train_item_finder
+
+    if not path.exists():
+        rng = np.random.default_rng([seed, 1000])
+        backgrounds = []
+        for _ in range(12):
+            surface = counter_surface(rng, H, W)
+            backgrounds.append((surface, Counter.learn(camera_frames(surface, rng, 12))))
+        t0 = time.perf_counter()
+        finder = train_item_finder([p for p, _ in train], backgrounds, FinderTrainConfig(seed=seed))
+        print(f"item finder trained in {time.perf_counter() - t0:.0f} s: {finder.extra}", flush=True)
+        finder.save(path, finder.extra)
+    return ItemFinder.load(path)
 
 
 def main():
@@ -268,6 +234,8 @@ def main():
     ap.add_argument("--scenes", type=int, default=60)
     ap.add_argument("--run", default=None, help="a Train job run made with draw 0's products excluded")
     ap.add_argument("--no-split", action="store_true", help="connected components only (the baseline)")
+    ap.add_argument("--finder", default=None, metavar="PATH",
+                    help="split touching items with the item finder at PATH (trained there first if missing)")
     ap.add_argument("--layouts", default="separated,touching,one-by-one")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
@@ -298,14 +266,15 @@ def main():
 
         recognisers["trained"] = Predictor.from_checkpoint(Path(args.run) / "best.safetensors")
         recognisers["trained"].wait_for_engine()
+    finder = item_finder(Path(args.finder), [t for t in train if t[1] not in unknown_names], args.seed) if args.finder else None
     results = {}
     for name, rec in recognisers.items():
         for layout in args.layouts.split(","):
             r = run_layout(rec, val, unknown_names, layout != "separated", args.scenes, args.seed, split=not args.no_split,
-                           sequential=layout == "one-by-one")
+                           sequential=layout == "one-by-one", finder=finder)
             results[f"{name}/{layout}"] = r
             print(f"{name:8s} {layout:10s} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()), flush=True)
-        results[f"{name}/six-items-fps"] = six_items_speed(rec, val)
+        results[f"{name}/six-items-fps"] = six_items_speed(rec, val, finder=finder)
         print(f"{name:8s} six separated items: {results[f'{name}/six-items-fps']:.1f} frames/s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine_line(), "results": results}, indent=1))

@@ -60,10 +60,23 @@ def crop_with_margin(frame: np.ndarray, box, margin: float = MARGIN):
     return frame[cy0:cy1, cx0:cx1], (cx0, cy0)
 
 
+def label_items(counter: Counter, frame: np.ndarray, mask: np.ndarray, split: bool = True, finder=None) -> np.ndarray:
+    """Item labels (0 = counter) at the analysis size of the foreground ``mask``: touching items apart by the
+    finder's boxes where there is one, else by the blob's outline (``split`` False: one item per blob)."""
+    if finder is not None and split:
+        return finder.label_items(frame, mask)
+    return counter.label_items(frame, mask, split)
+
+
 class Checkout:
-    def __init__(self, counter: Counter, recogniser, split: bool = True):
-        """``split`` False: one item per connected blob (touching items stay one)."""
-        self.counter, self.recogniser, self.split = counter, recogniser, split
+    def __init__(self, counter: Counter, recogniser, split: bool = True, finder=None):
+        """``split`` False: one item per connected blob (touching items stay one). ``finder``: a trained
+        ItemFinder (ntsnet/item_finder.py) that tells touching items apart by their looks, instead of the blob's
+        outline."""
+        self.counter, self.recogniser, self.split, self.finder = counter, recogniser, split, finder
+
+    def label_items(self, frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return label_items(self.counter, frame, mask, self.split, self.finder)
 
     def regions(self, frame: np.ndarray, mask=None, layers: "ItemLayers | None" = None, now=None):
         """(items to recognise, regions at the frame's edge, the label map). ``layers``: a live stream's memory of
@@ -72,7 +85,7 @@ class Checkout:
         if layers is not None:
             labels = layers.label_items(frame, mask, now)
         else:
-            labels = self.counter.label_items(frame, mask, self.split)
+            labels = self.label_items(frame, self.counter.foreground(frame, now) if mask is None else mask)
         found = self.counter.boxes(labels, frame.shape)
         inside = [r for r in found if not r.at_edge and min(r.box[2] - r.box[0], r.box[3] - r.box[1]) >= MIN_CROP_PX]
         return inside, [r for r in found if r.at_edge], labels
@@ -120,8 +133,9 @@ class ItemLayers:
 
     ``still_frames``: frames in a row with (almost) nothing changing before the scene counts as settled again."""
 
-    def __init__(self, counter: Counter, split: bool = True, still_frames: int = 3):
+    def __init__(self, counter: Counter, split: bool = True, still_frames: int = 3, finder=None):
         self.counter, self.split, self.still_frames = counter, split, still_frames
+        self.finder = finder
         self.settled: Counter | None = None       # the scene as it last lay still, items and all
         self.settled_labels: np.ndarray | None = None
         self._previous: Counter | None = None
@@ -134,11 +148,11 @@ class ItemLayers:
         now = self.counter.log_colour(frame) if now is None else now
         mask = self.counter.foreground(frame, now) if mask is None else mask
         if self.settled is None:
-            labels = self.counter.label_items(frame, mask, self.split)
+            labels = label_items(self.counter, frame, mask, self.split, self.finder)
         else:
             added = mask & self.settled.foreground(frame, now)     # on the counter now and not in the settled scene
             kept = np.where(mask & ~added, self.settled_labels, 0)  # settled items' pixels still there
-            new = self.counter.label_items(frame, added, self.split)
+            new = label_items(self.counter, frame, added, self.split, self.finder)
             labels = np.where(new > 0, new + kept.max(), kept)
         self._note_stillness(frame, now, labels)
         return labels
@@ -161,10 +175,11 @@ class LiveCheckout:
 
     def __init__(self, checkout: Checkout, clock=None):
         self.checkout = checkout
-        self.layers = ItemLayers(checkout.counter, checkout.split)
+        self.layers = ItemLayers(checkout.counter, checkout.split, finder=checkout.finder)
         self.basket = Basket(clock=clock)
 
     def update(self, frame: np.ndarray) -> tuple[Scan, dict[str, int]]:
+        self.layers.finder = self.checkout.finder  # a finder trained meanwhile splits the next arrivals
         scan = self.checkout.scan(frame, self.layers)
         return scan, self.basket.update(scan)
 

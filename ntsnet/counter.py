@@ -24,6 +24,7 @@ MIN_ITEM_SHARE = 0.002     # smaller foreground blobs are specks and reflections
 SOLID_ITEM = 0.9           # a blob filling this share of its convex hull is one item: never cut
 NOTCH_SCORE = 0.8          # cut only where the line is shorter than 0.8 x the two notches' depths together
 FORMAT = "ntsnet-counter-v1"
+COUNTER_FILE = "counter.npz"  # the learnt empty counter, kept in the catalogue's folder
 
 
 class CounterError(ValueError):

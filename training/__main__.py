@@ -1,4 +1,4 @@
-"""``python -m training train | evaluate | ablate | jobs``."""
+"""``python -m training train | item-finder | evaluate | ablate | jobs``."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,8 @@ import json
 import sys
 from dataclasses import fields
 from pathlib import Path
+
+from ntsnet.counter import COUNTER_FILE
 
 from .data import DataError
 from .train import TrainConfig
@@ -83,7 +85,37 @@ def cmd_train(args):
     from .progressive import train_progressive
 
     summary = train_progressive(_progressive_config(args))
-    return 0 if summary["state"] == "finished" else 1
+    if summary["state"] != "finished":
+        return 1
+    db = args.db or "data"
+    if args.item_finder == "auto" and (Path(db) / COUNTER_FILE).exists():
+        # the Checkout counter is learnt: its item finder learns this catalogue's products too
+        return cmd_item_finder(argparse.Namespace(db=db, composites=None, epochs=None))
+    return 0
+
+
+def cmd_item_finder(args):
+    from .item_finder import FinderTrainConfig, train_for_catalogue
+
+    cfg = FinderTrainConfig(**{k: v for k, v in (("composites", args.composites), ("epochs", args.epochs)) if v is not None})
+    last = [-1.0]
+
+    def progress(fraction, message):
+        if fraction - last[0] >= 0.1 or fraction >= 1.0:
+            last[0] = fraction
+            print(f"{fraction:4.0%} {message}", flush=True)
+
+    try:
+        path = train_for_catalogue(args.db, cfg, progress)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from ntsnet.item_finder import ItemFinder
+
+    extra = ItemFinder.load(path).extra
+    print(f"item finder: {path} (held-out composites: {extra['held_out_recall']:.1%} of items found, "
+          f"{extra['held_out_precision']:.1%} of boxes right)")
+    return 0
 
 
 def cmd_evaluate(args):
@@ -160,7 +192,15 @@ def build_parser():
                         "accurate on the test photos (auto: catalogues with test photos and at most 1000 training + validation photos)")
     p.add_argument("--no-activate", dest="activate", action="store_false", default=None,
                    help="progressive: do not propose the stages as the catalogue's active model")
+    p.add_argument("--item-finder", choices=["auto", "off"], default="auto",
+                   help="progressive: then train the Checkout's item finder (auto: when the catalogue has a learnt empty counter)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("item-finder", help="train the Checkout's item finder on the catalogue and its learnt empty counter")
+    p.add_argument("--db", default="data")
+    p.add_argument("--composites", type=int, default=None, help="counter scenes to learn from (1200)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over them (30)")
+    p.set_defaults(func=cmd_item_finder)
 
     p = sub.add_parser("evaluate", help="accuracy, per class, confusions and store conditions")
     p.add_argument("--checkpoint", required=True)

@@ -48,6 +48,7 @@ class Studio(CatalogueActions, LabellingActions, TrainingActions, RecognitionAct
         self._live_worker = None
         self._empty_scene = EmptySceneGate(self.catalogue)
         self._counter, self._baskets = None, SessionMemory(keep_seconds=600)  # checkout: the counter, each session's basket
+        self._finder, self._finder_stamp = None, None  # checkout: the item finder and its file's mtime
         self._review_cache, self._review_lock = None, threading.Lock()
         if checkpoint:
             self._activate(checkpoint, pin=False)

@@ -2,10 +2,12 @@
 
 A mixin of Studio (webapp/actions.py): it uses ``self.db``, ``self._answerer()`` and ``self._busy``; its own state
 (``self._counter``; ``self._baskets``, a LiveCheckout per session) is made in Studio.__init__. The empty counter is
-kept in CATALOGUE/counter.npz.
+kept in CATALOGUE/counter.npz; the item finder trained for it (``python -m training item-finder``, or the Train
+click once the counter is learnt) in CATALOGUE/item_finder.safetensors.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,14 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from ntsnet.checkout import Checkout, LiveCheckout, Scan, basket_of, crop_with_margin
-from ntsnet.counter import Counter, CounterError
+from ntsnet.counter import COUNTER_FILE, Counter, CounterError
 from ntsnet.draw import draw_checkout
 from ntsnet.images import ImageLoadError, image_paths, to_rgb_array
+from ntsnet.item_finder import FINDER_FILE, ItemFinder
 
 from .common import StudioError
 
-COUNTER_FILE = "counter.npz"
 LEARN_SECONDS, LEARN_EVERY_MS = 2.0, 100
+log = logging.getLogger("ntsnet")
 
 
 @dataclass
@@ -99,6 +102,31 @@ class CheckoutActions:
             raise StudioError("Nothing on the counter: put the product down inside the camera's view.")
         return np.ascontiguousarray(crop_with_margin(rgb, inside[0].box)[0])  # the largest item: the one being captured
 
+    def item_finder(self) -> ItemFinder | None:
+        """The item finder trained for this counter (None: not trained yet); read again when its file changes."""
+        path = Path(self.db) / FINDER_FILE
+        stamp = path.stat().st_mtime_ns if path.exists() else None
+        if stamp != self._finder_stamp:
+            self._finder, self._finder_stamp = None, stamp
+            if stamp is not None:
+                try:
+                    self._finder = ItemFinder.load(path)
+                except ValueError as exc:  # a damaged file: the blob's outline splits items, as before it was trained
+                    log.warning("checkout: %s; splitting touching items by their outline", exc)
+        return self._finder
+
+    def checkout_status(self) -> str:
+        """One line for the Checkout tab: is the counter learnt, and what tells touching items apart."""
+        if self.counter() is None:
+            return ""
+        finder = self.item_finder()
+        if finder is None:
+            return ("Empty counter learnt: put the shopping down. A Train click (Train tab) also teaches the item finder "
+                    "to tell touching items apart.")
+        found = finder.extra.get("held_out_recall")
+        return ("Empty counter learnt: put the shopping down. Touching items are told apart by the item finder" +
+                (f" (it found {found:.0%} of the items in scenes it never saw)." if found is not None else "."))
+
     # ------------------------------------------------------------------------------------- scan
     def _checkout(self, recogniser=None, counter: Counter | None = None) -> Checkout:
         counter = counter or self.counter()
@@ -107,7 +135,7 @@ class CheckoutActions:
         recogniser = recogniser or self._answerer()[0]
         if recogniser is None:
             raise StudioError("No model yet: collect photos of at least two products, or train one.")
-        return Checkout(counter, recogniser)
+        return Checkout(counter, recogniser, finder=self.item_finder())
 
     def checkout_scan(self, frame, recogniser=None) -> Scan:
         """Every item on the counter in one frame, named (no basket). ``recogniser``: instead of the model that answers now."""

@@ -25,7 +25,7 @@ def build(studio, live_fps: float):
                 with gr.Row():
                     learn_btn = gr.Button("Learn the empty counter", variant="primary")
                     new_btn = gr.Button("New customer")
-                learn_msg = gr.Markdown("" if studio.counter() is None else "Empty counter learnt: put the shopping down.")
+                learn_msg = gr.Markdown(studio.checkout_status())
             with gr.Column():
                 annotated = gr.Image(label="Items on the counter", interactive=False, format="jpeg", elem_id="checkout-frame")
                 state = gr.Markdown("")
