@@ -32,7 +32,7 @@ from common import DATA, grocery_photos, machine_line  # noqa: E402
 from counter_scenes import camera_frames, counter_surface, light_change  # noqa: E402
 from ntsnet.checkout import iou  # noqa: E402
 from open_set import FIRST_DRAW  # noqa: E402
-from training.composites import compose as compose_scene, cut_out, positions as place_items  # noqa: E402
+from training.composites import compose, cut_out, positions  # noqa: E402
 
 H, W = 480, 640
 
@@ -46,15 +46,6 @@ def cutout(path: str, rng) -> tuple[np.ndarray, np.ndarray]:
     return cut_out(np.asarray(Image.open(path).convert("RGB")), rng)
 
 
-def positions(rng, sizes, touching: bool):
-    return place_items(rng, sizes, touching, H, W)
-
-
-def compose(surface, items, corners, rng=None):
-    """The scene and each item's visible box."""
-    return compose_scene(surface, items, corners)
-
-
 def counter_crop(path: str, rng, surfaces) -> np.ndarray:
     """A photo as Collect "on the counter" stores it: the item cut out on the counter, cropped with Checkout's margin."""
     from ntsnet.checkout import crop_with_margin
@@ -62,7 +53,7 @@ def counter_crop(path: str, rng, surfaces) -> np.ndarray:
     rgb, mask = cutout(path, rng)
     h, w = mask.shape
     y, x = int(rng.integers(12, H - h - 12)), int(rng.integers(12, W - w - 12))
-    frame, boxes = compose(surfaces[int(rng.integers(len(surfaces)))], [(rgb, mask)], [(y, x)], rng)
+    frame, boxes = compose(surfaces[int(rng.integers(len(surfaces)))], [(rgb, mask)], [(y, x)])
     return crop_with_margin(light_change(frame, rng, strength=0.7), boxes[0])[0]
 
 
@@ -126,7 +117,7 @@ def one_by_one(checkout, surface, items, corners, rng):
     layers = ItemLayers(checkout.counter, finder=checkout.finder)
     light_seed = int(rng.integers(1 << 30))
     for k in range(1, len(items) + 1):
-        frame, boxes = compose(surface, items[:k], corners[:k], rng)
+        frame, boxes = compose(surface, items[:k], corners[:k])
         lit = light_change(frame, np.random.default_rng(light_seed), strength=0.7)
         for _ in range(layers.still_frames + 2):
             shown = np.clip(lit + rng.normal(0, 2.0, lit.shape), 0, 255).astype(np.uint8)
@@ -152,13 +143,13 @@ def run_layout(recogniser, val, unknown_names, touching: bool, scenes: int, seed
             picks = [unknown[int(rng.integers(len(unknown)))] if rng.random() < 0.25 else known[int(rng.integers(len(known)))]
                      for _ in range(n)]
             items = [cutout(p, rng) for p, _ in picks]
-            corners = positions(rng, [m.shape for _, m in items], touching)
+            corners = positions(rng, [m.shape for _, m in items], touching, H, W)
         checkout = Checkout(Counter.learn(camera_frames(surface, rng, 12)), recogniser, split=split, finder=finder)
         layers = None
         if sequential:
             frame, boxes, layers = one_by_one(checkout, surface, items, corners, rng)
         else:
-            frame, boxes = compose(surface, items, corners, rng)
+            frame, boxes = compose(surface, items, corners)
             frame = light_change(frame, rng, strength=0.7)
         t0 = time.perf_counter()
         scan = checkout.scan(frame, layers)
@@ -202,8 +193,8 @@ def six_items_speed(recogniser, val, scenes: int = 15, finder=None) -> float:
         while corners is None:
             surface = counter_surface(rng, H, W)
             items = [cutout(val[int(rng.integers(len(val)))][0], rng) for _ in range(6)]
-            corners = positions(rng, [m.shape for _, m in items], False)
-        frame = light_change(compose(surface, items, corners, rng)[0], rng, strength=0.7)
+            corners = positions(rng, [m.shape for _, m in items], False, H, W)
+        frame = light_change(compose(surface, items, corners)[0], rng, strength=0.7)
         checkout = Checkout(Counter.learn(camera_frames(surface, rng, 12)), recogniser, finder=finder)
         times.append(median_ms(lambda: checkout.scan(frame), runs=3, warmup=1))
     return 1000.0 / float(np.median(times))

@@ -135,10 +135,11 @@ class ItemFinder(nn.Module):
         if n <= 1:
             return blobs
         seeds = self._seeds(frame, blobs)
+        blob_of = [int(np.bincount(blobs[s]).argmax()) for s in seeds]  # the blob each seed lies in
         markers = np.zeros((h, w), np.int32)
         label = 0
         for k in range(1, n):
-            inside = [s for s in seeds if np.bincount(blobs[s], minlength=n).argmax() == k]
+            inside = [s for s, b in zip(seeds, blob_of) if b == k]
             if len(inside) < 2:  # one item, or one the finder missed: the blob's own outline
                 label += 1
                 markers[cv2.erode((blobs == k).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)] = label

@@ -106,13 +106,11 @@ def cmd_item_finder(args):
             print(f"{fraction:4.0%} {message}", flush=True)
 
     try:
-        path = train_for_catalogue(args.db, cfg, progress)
+        path, finder = train_for_catalogue(args.db, cfg, progress)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from ntsnet.item_finder import ItemFinder
-
-    extra = ItemFinder.load(path).extra
+    extra = finder.extra
     print(f"item finder: {path} (held-out composites: {extra['held_out_recall']:.1%} of items found, "
           f"{extra['held_out_precision']:.1%} of boxes right)")
     return 0

@@ -158,7 +158,7 @@ def train_item_finder(photos, backgrounds, cfg: FinderTrainConfig = FinderTrainC
     return finder
 
 
-def train_for_catalogue(db, cfg: FinderTrainConfig = FinderTrainConfig(), progress=None) -> Path:
+def train_for_catalogue(db, cfg: FinderTrainConfig = FinderTrainConfig(), progress=None) -> tuple[Path, ItemFinder]:
     """Train the item finder on a catalogue's labelled photos and its learnt empty counter; written (atomically)
     beside the counter as CATALOGUE/item_finder.safetensors, which the Checkout tab and CLI then use."""
     from dataset_tools import Catalogue
@@ -180,4 +180,4 @@ def train_for_catalogue(db, cfg: FinderTrainConfig = FinderTrainConfig(), progre
     fw, fh = counter.frame_size
     finder = train_item_finder(photos, [(counter.empty_view((fh, fw)), counter)], cfg, progress=progress)
     finder.save(db / FINDER_FILE, finder.extra)
-    return db / FINDER_FILE
+    return db / FINDER_FILE, finder
