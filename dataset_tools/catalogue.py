@@ -2,6 +2,7 @@
 
     DIR/catalogue.db            products, images, meta (schema version)
     DIR/images/ab/<sha256>.jpg  photos, named by the hash of their pixels
+    DIR/masks/ab/<sha256>.png   where the item lies in a photo, for photos cut out on the checkout counter
     DIR/tmp/                    files being written (renamed into images/ when complete)
     DIR/trash/                  files being deleted (removed once their row is gone)
 
@@ -25,7 +26,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import sqlite_utils
+from PIL import Image
 
 from .imagefile import InvalidImage, prepare_image
 from .quality import assess
@@ -58,6 +61,18 @@ class AddResult:
     width: int
     height: int
     warnings: list[str] = field(default_factory=list)
+
+
+def _mask_png(mask, prepared) -> bytes:
+    """The mask as a PNG of the stored photo's size; a mask of another shape than the photo is refused."""
+    import io
+
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.shape != prepared.pixels.shape[:2]:
+        raise CatalogueError(f"the item mask is {mask.shape}, the photo {prepared.pixels.shape[:2]}: they must match")
+    buf = io.BytesIO()
+    Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
 
 
 def _now() -> str:
@@ -282,6 +297,18 @@ class Catalogue:
     def _file_for(self, hash_: str, ext: str) -> Path:
         return Path("images") / hash_[:2] / f"{hash_}{ext}"
 
+    @staticmethod
+    def _mask_for(hash_: str) -> Path:
+        return Path("masks") / hash_[:2] / f"{hash_}.png"
+
+    def mask(self, image: dict) -> np.ndarray | None:
+        """The photo's item mask (bool, the photo's size), or None where the photo has none."""
+        path = self.root / self._mask_for(image["hash"])
+        if not path.exists():
+            return None
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L")) > 127
+
     def _write_file(self, rel: Path, data: bytes) -> None:
         final = self.root / rel
         if final.exists() and final.stat().st_size == len(data):
@@ -301,8 +328,9 @@ class Catalogue:
         return None if row is None else {"id": row[0], "product": row[1]}
 
     def add_image(self, source, product: str | None = None, split: str | None = None, source_kind: str = "upload",
-                  tags=(), original_name: str | None = None, create_product: bool = False) -> AddResult:
-        """Validate, normalise, store and index one photo. Raises InvalidImage / DuplicateImage / CatalogueError."""
+                  tags=(), original_name: str | None = None, create_product: bool = False, mask=None) -> AddResult:
+        """Validate, normalise, store and index one photo. Raises InvalidImage / DuplicateImage / CatalogueError.
+        ``mask``: an H x W array, true where the item lies (a checkout-counter cut-out), stored beside the photo."""
         if split is not None and split not in SPLITS:
             raise CatalogueError(f"split must be one of {SPLITS}, not {split!r}")
         if source_kind not in SOURCES:
@@ -316,7 +344,10 @@ class Catalogue:
         if dup:
             raise DuplicateImage(prepared.hash, dup["id"], dup["product"])
         quality = assess(prepared.pixels)
+        mask_png = None if mask is None else _mask_png(mask, prepared)
         rel = self._file_for(prepared.hash, prepared.ext)
+        if mask_png is not None:
+            self._write_file(self._mask_for(prepared.hash), mask_png)
         self._write_file(rel, prepared.data)  # 1) the file is complete on disk ...
         try:
             image_id = self._insert_image_row(prepared, rel, pid, split, source_kind, tags, quality, original_name)  # 2) ... then the row
@@ -457,6 +488,10 @@ class Catalogue:
         tmp_files = list((self.root / "tmp").iterdir())
         trash_files = [p for p in (self.root / "trash").iterdir() if str(p.relative_to(self.root)) not in keep]
         report["temp_files"], report["trash_files"] = len(tmp_files), len(trash_files)
+        hashes = {h for (h,) in self.db.execute("SELECT hash FROM images")}
+        hashes |= {Path(t).stem.split("-", 1)[-1] for t in keep}  # an undone delete brings its mask back
+        masks = [p for p in (self.root / "masks").rglob("*.png") if p.stem not in hashes] if (self.root / "masks").exists() else []
+        report["orphan_masks"] = len(masks)
         if repair:
             if report["missing_files"]:
                 with self.transaction() as db:
@@ -475,8 +510,8 @@ class Catalogue:
                 except InvalidImage:
                     path.unlink(missing_ok=True)
             report["recovered_image_ids"] = recovered
-            for p in tmp_files + trash_files:
+            for p in tmp_files + trash_files + masks:
                 p.unlink(missing_ok=True)
-        report["ok"] = not (report["missing_files"] or report["orphan_files"] or report["temp_files"] or report["trash_files"])
+        report["ok"] = not (report["orphan_masks"] or report["missing_files"] or report["orphan_files"] or report["temp_files"] or report["trash_files"])
         report["repaired"] = repair
         return report

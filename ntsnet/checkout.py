@@ -90,6 +90,13 @@ class Checkout:
         inside = [r for r in found if not r.at_edge and min(r.box[2] - r.box[0], r.box[3] - r.box[1]) >= MIN_CROP_PX]
         return inside, [r for r in found if r.at_edge], labels
 
+    @staticmethod
+    def cut_out(frame: np.ndarray, region: Region, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One item's crop with its margin, and where in the crop the item lies (bool, the crop's size)."""
+        crop, (ox, oy) = crop_with_margin(frame, region.box)
+        own = cv2.resize((labels == region.label).astype(np.float32), (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_LINEAR)
+        return np.ascontiguousarray(crop), own[oy:oy + crop.shape[0], ox:ox + crop.shape[1]] > 0.5
+
     def crops(self, frame: np.ndarray, regions, labels: np.ndarray):
         """Each item's crop with its margin, the neighbours that reach into it painted over with the empty counter;
         and each crop's top-left corner in the frame."""

@@ -375,3 +375,26 @@ def test_split_for_one_product_matches_the_global_assignment(tmp_path):
     split_a = {i["hash"]: i["split"] for i in a.images(product="x")}
     split_b = {i["hash"]: i["split"] for i in b.images(product="x")}
     assert split_a == split_b and all(i["split"] is None for i in b.images(product="y"))
+
+
+def test_an_item_mask_is_stored_with_its_photo_and_outlives_an_undoable_delete(cat):
+    from dataset_tools import history
+
+    pixels = np.asarray(Image.open(io.BytesIO(photo(30, size=(60, 40)))))
+    mask = np.zeros((40, 60), bool)
+    mask[5:30, 10:50] = True
+    before = snapshot(cat)
+    with pytest.raises(CatalogueError, match="mask is"):
+        cat.add_image(pixels, product="Red box", mask=mask.T)  # another shape than the photo: nothing stored
+    assert snapshot(cat) == before and not (cat.root / "masks").exists()
+    cat.add_image(pixels, product="Red box", mask=mask)
+    kept = cat.images()[0]
+    plain = cat.add_image(photo(31), product="Red box")
+    assert np.array_equal(cat.mask(kept), mask) and cat.mask(cat.images()[1]) is None
+    history.delete(cat, [kept["id"]])
+    assert cat.verify()["orphan_masks"] == 0  # undo may still bring the photo back
+    history.undo(cat)
+    assert np.array_equal(cat.mask(cat.images()[0]), mask)
+    cat.delete_images([kept["id"], plain.image_id])
+    report = cat.verify()
+    assert report["orphan_masks"] == 1 and not list((cat.root / "masks").rglob("*.png")) and cat.verify()["ok"]

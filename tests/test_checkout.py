@@ -145,6 +145,10 @@ def test_the_studio_learns_the_counter_and_counts_the_basket_of_a_live_session(s
     saved = shop.save_photo(shopping((GREEN, 150, 90), seed=9), "green-pack", on_counter=True)  # Collect "on the counter"
     stored = Image.open(shop.catalogue.image_path(shop.catalogue.images(product="green-pack")[-1]))
     assert "Saved" in saved["message"] and 44 <= stored.width <= 70 and 60 <= stored.height <= 90  # the packet and a margin
+    mask = shop.catalogue.mask(shop.catalogue.images(product="green-pack")[-1])  # stored with it: where the packet lies
+    assert mask.shape == (stored.height, stored.width) and 0.5 < mask.mean() < 0.85
+    assert not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())  # the margin is counter
+    assert shop.catalogue.mask(shop.catalogue.images(product="green-pack")[0]) is None  # a plain photo has none
     with pytest.raises(StudioError, match="Nothing on the counter"):
         shop.save_photo(shopping(seed=10), "green-pack", on_counter=True)
     clock = [0.0]

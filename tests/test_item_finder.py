@@ -9,7 +9,7 @@ from ntsnet.counter import Counter
 from ntsnet.item_finder import STRIDE, FinderConfig, ItemFinder, decode, targets
 from ntsnet.predictor import Prediction
 from training.composites import compose, cut_out
-from training.item_finder import FinderTrainConfig, train_item_finder
+from training.item_finder import CompositeMaker, FinderTrainConfig, train_item_finder
 
 SMALL = FinderConfig(backbone="tiny", width=160, height=120)
 LITE = FinderConfig(width=160, height=120)  # the real (offline) ImageNet backbone, at half the counter's analysis size
@@ -57,6 +57,25 @@ def test_each_found_item_gets_its_own_region_and_a_missed_blob_stays_one_item(co
     for want in truth:
         assert max(iou(r.box, want) for r in regions) > 0.75
     assert max(iou(r.box, (230, 120, 270, 170)) for r in regions) > 0.75
+
+
+def test_a_photo_cut_out_on_the_counter_is_put_down_by_its_own_outline(counter_and_scene):
+    """A red disc photographed on green: with its stored mask only the disc reaches the composite; without, the
+    photo's middle brings the green with it."""
+    counter, scene = counter_and_scene
+    yy, xx = np.mgrid[:80, :80]
+    disc = (yy - 40) ** 2 + (xx - 40) ** 2 < 30 ** 2
+    photo = np.where(disc[..., None], np.uint8([200, 40, 40]), np.uint8([30, 220, 30])).astype(np.uint8)
+    cfg = FinderTrainConfig(frame_width=scene.shape[1], item_size=(0.2, 0.3), max_items=3, seed=2)
+
+    def green(photos) -> int:
+        maker, rng, total = CompositeMaker(photos, [(scene, counter)], cfg), np.random.default_rng(0), 0
+        for _ in range(5):
+            f = maker.make(rng)[0].astype(int)
+            total += int(((f[..., 1] > f[..., 0] + 80) & (f[..., 1] > f[..., 2] + 80)).sum())
+        return total
+
+    assert 10 * green([(photo, disc)]) < green([photo])
 
 
 def test_trained_on_composites_it_finds_the_items_of_a_new_scene_touching_ones_too(counter_and_scene, tmp_path):

@@ -10,21 +10,30 @@ import cv2
 import numpy as np
 
 
-def cut_out(photo: np.ndarray, rng, long_side=(90, 150), max_angle: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB, mask) of the item in ``photo`` seen from above: its middle 70%, scaled so the long side is drawn
-    from ``long_side`` pixels, rotated by up to ``max_angle`` degrees."""
+def cut_out(photo: np.ndarray, rng, long_side=(90, 150), max_angle: float = 30.0, mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB, mask) of the item in ``photo`` seen from above, scaled so the long side is drawn from ``long_side``
+    pixels, rotated by up to ``max_angle`` degrees. The item is where ``mask`` is true (a photo cut out on the
+    counter), else the photo's middle 70%."""
     h, w = photo.shape[:2]
-    im = photo[int(0.15 * h):int(0.85 * h), int(0.15 * w):int(0.85 * w)]
+    if mask is not None and np.count_nonzero(mask) >= 16:
+        ys, xs = np.nonzero(mask)
+        rows, cols = slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
+        im, alpha = photo[rows, cols], np.where(mask[rows, cols], 255, 0).astype(np.uint8)
+    else:
+        im = photo[int(0.15 * h):int(0.85 * h), int(0.15 * w):int(0.85 * w)]
+        alpha = np.full(im.shape[:2], 255, np.uint8)
     side_px = rng.uniform(*long_side)
     s = side_px / max(im.shape[:2])
-    im = cv2.resize(im, (max(8, int(im.shape[1] * s)), max(8, int(im.shape[0] * s))), interpolation=cv2.INTER_AREA)
+    size = (max(8, int(im.shape[1] * s)), max(8, int(im.shape[0] * s)))
+    im = cv2.resize(im, size, interpolation=cv2.INTER_AREA)
+    alpha = cv2.resize(alpha, size, interpolation=cv2.INTER_NEAREST)
     angle = rng.uniform(-max_angle, max_angle)
     h, w = im.shape[:2]
     side = int(np.ceil(np.hypot(h, w))) + 2
     m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
     m[:, 2] += ((side - w) / 2, (side - h) / 2)
     rgb = cv2.warpAffine(im, m, (side, side), flags=cv2.INTER_LINEAR)
-    mask = cv2.warpAffine(np.full((h, w), 255, np.uint8), m, (side, side), flags=cv2.INTER_NEAREST) > 127
+    mask = cv2.warpAffine(alpha, m, (side, side), flags=cv2.INTER_NEAREST) > 127
     ys, xs = np.nonzero(mask)
     return rgb[ys.min():ys.max() + 1, xs.min():xs.max() + 1], mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 

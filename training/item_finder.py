@@ -38,16 +38,24 @@ class FinderTrainConfig:
     seed: int = 0
 
 
-def _small(photo, long_side: int = 256) -> np.ndarray:
+def _small(photo, mask=None, long_side: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
+    """The photo (and its item mask, if it has one) with its long side at most ``long_side``."""
     from ntsnet.images import to_rgb_array
 
     im = to_rgb_array(photo)
+    if mask is not None and np.shape(mask) != im.shape[:2]:
+        mask = None  # not this photo's: its middle stands in
     s = long_side / max(im.shape[:2])
-    return cv2.resize(im, (int(im.shape[1] * s), int(im.shape[0] * s)), interpolation=cv2.INTER_AREA) if s < 1 else im
+    if s >= 1:
+        return im, mask
+    size = (int(im.shape[1] * s), int(im.shape[0] * s))
+    small = None if mask is None else cv2.resize(np.asarray(mask, np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+    return cv2.resize(im, size, interpolation=cv2.INTER_AREA), small
 
 
 class CompositeMaker:
-    """Counter scenes from photos on the given empty counters, with their foreground and item boxes."""
+    """Counter scenes from photos on the given empty counters, with their foreground and item boxes. A photo is
+    an image, or (image, item mask) for one cut out on the counter: its real outline is then what is put down."""
 
     def __init__(self, photos, backgrounds, cfg: FinderTrainConfig):
         self.cfg = cfg
@@ -55,7 +63,7 @@ class CompositeMaker:
         picked = list(photos)
         if len(picked) > cfg.max_photos:
             picked = [picked[i] for i in rng.choice(len(picked), cfg.max_photos, replace=False)]
-        self.photos = [_small(p) for p in picked]
+        self.photos = [_small(*p) if isinstance(p, tuple) else _small(p) for p in picked]
         if not self.photos:
             raise ValueError("the item finder needs photos of products to learn from")
         self.backgrounds = []
@@ -75,7 +83,10 @@ class CompositeMaker:
         while corners is None:
             n = int(rng.integers(1, self.cfg.max_items + 1))
             side = (self.cfg.item_size[0] * w, self.cfg.item_size[1] * w)
-            items = [cut_out(self.photos[int(rng.integers(len(self.photos)))], rng, side) for _ in range(n)]
+            items = []
+            for _ in range(n):
+                photo, mask = self.photos[int(rng.integers(len(self.photos)))]
+                items.append(cut_out(photo, rng, side, mask=mask))
             corners = positions(rng, [m.shape for _, m in items], touching, h, w)
         frame, boxes = compose(surface, items, corners)
         frame = light_change(frame, rng, strength=0.7)
@@ -174,7 +185,8 @@ def train_for_catalogue(db, cfg: FinderTrainConfig = FinderTrainConfig(), progre
                          "learn it in the Checkout tab first") from None
     catalogue = Catalogue(db, create=False)
     try:
-        photos = [catalogue.image_path(im) for im in catalogue.images() if im["product"] not in (None, EMPTY_SCENE)]
+        photos = [(catalogue.image_path(im), catalogue.mask(im)) for im in catalogue.images()
+                  if im["product"] not in (None, EMPTY_SCENE)]
     finally:
         catalogue.close()
     fw, fh = counter.frame_size

@@ -40,10 +40,11 @@ class CatalogueActions:
             raise StudioError("No photo: start the camera or choose a file first.")
         if not product:
             raise StudioError("Choose or create a product first.")
+        mask = None
         if on_counter:
-            image = self.counter_crop(image)
+            image, mask = self.counter_crop(image)
         try:
-            res = self.catalogue.add_image(image, product=product, source_kind=source, tags=tags)
+            res = self.catalogue.add_image(image, product=product, source_kind=source, tags=tags, mask=mask)
         except DuplicateImage as exc:
             return {"message": f"Not saved: {exc}", "warnings": ["duplicate"], "count": self.photo_count(product), "image_id": exc.image_id}
         except (InvalidImage, CatalogueError) as exc:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ntsnet.checkout import Checkout, LiveCheckout, Scan, basket_of, crop_with_margin
+from ntsnet.checkout import Checkout, LiveCheckout, Scan, basket_of
 from ntsnet.counter import COUNTER_FILE, Counter, CounterError
 from ntsnet.draw import draw_checkout
 from ntsnet.images import ImageLoadError, image_paths, to_rgb_array
@@ -88,19 +88,20 @@ class CheckoutActions:
             raise StudioError("No live frames arrived: start the camera first (the counter must be empty).")
         yield self.learn_counter(frames)
 
-    def counter_crop(self, frame) -> np.ndarray:
-        """The one item on the learnt counter, cropped as Checkout crops it (Collect "on the counter")."""
+    def counter_crop(self, frame) -> tuple[np.ndarray, np.ndarray]:
+        """The one item on the learnt counter, cropped as Checkout crops it (Collect "on the counter"), and its mask."""
         counter = self.counter()
         if counter is None:
             raise StudioError("No empty counter learnt yet (Checkout tab): learn it before capturing on the counter.")
         rgb = to_rgb_array(frame)
         try:
-            inside, _, _ = Checkout(counter, None).regions(counter.check_frame(rgb))
+            rgb = counter.check_frame(rgb)
+            inside, _, labels = Checkout(counter, None).regions(rgb)
         except CounterError as exc:
             raise StudioError(str(exc)) from None
         if not inside:
             raise StudioError("Nothing on the counter: put the product down inside the camera's view.")
-        return np.ascontiguousarray(crop_with_margin(rgb, inside[0].box)[0])  # the largest item: the one being captured
+        return Checkout.cut_out(rgb, inside[0], labels)  # the largest item: the one being captured
 
     def item_finder(self) -> ItemFinder | None:
         """The item finder trained for this counter (None: not trained yet); read again when its file changes."""
