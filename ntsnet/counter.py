@@ -19,6 +19,7 @@ ANALYSIS_WIDTH = 320
 EMPTY_BELOW = 0.004        # foreground share of the frame under which the scene is empty
 MOVED_ABOVE = 0.6          # more foreground than this: the camera moved (or the light changed beyond a fit)
 CHROMA, BRIGHTER, DARKER, EDGES = 0.08, 0.20, 0.80, 0.12   # log-colour thresholds (above the learnt noise)
+FIT_SHARE, FIT_SHARE_Z = 0.4, 0.524  # the light is fitted to the best 40% of the pixels (|z| < 0.524 of a normal)
 ALIGNED_ABOVE = 0.3        # correlation of the counter's texture with the learnt one under which the camera moved
 MIN_ITEM_SHARE = 0.002     # smaller foreground blobs are specks and reflections
 SOLID_ITEM = 0.9           # a blob filling this share of its convex hull is one item: never cut
@@ -124,13 +125,17 @@ class Counter:
         sample = slice(None, None, 7)  # a fit on every 7th pixel: as good, several times cheaper
         for c in range(3):
             basis, target = self._basis[c], d[..., c].ravel()
-            keep = np.ones(len(target), bool)
-            for _ in range(3):  # robust: items and shadows are outliers of the light's fit
-                coef = np.linalg.lstsq(basis[sample][keep[sample]], target[sample][keep[sample]], rcond=None)[0]
-                r = target - basis @ coef
-                spread = 1.4826 * np.median(np.abs(r[sample])) + 0.02
-                keep = np.abs(r) < 2.5 * spread
-            out[..., c] = r.reshape(d.shape[:2])
+            bs, ts = basis[sample], target[sample]
+            k = int(FIT_SHARE * len(ts))
+            r = ts - np.median(ts)
+            for _ in range(4):  # least trimmed squares: items may cover half the counter, the light's fit stays
+                best = np.argpartition(np.abs(r), k)[:k]
+                coef = np.linalg.lstsq(bs[best], ts[best], rcond=None)[0]
+                r = ts - bs @ coef
+            spread = np.partition(np.abs(r), k)[k] / FIT_SHARE_Z + 0.02  # the noise, from the best-fitting share
+            inliers = np.abs(r) < 2.5 * spread
+            coef = np.linalg.lstsq(bs[inliers], ts[inliers], rcond=None)[0]
+            out[..., c] = (target - basis @ coef).reshape(d.shape[:2])
         return out
 
     def log_colour(self, frame: np.ndarray) -> np.ndarray:

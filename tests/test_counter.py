@@ -76,3 +76,19 @@ def test_other_cameras_frames_and_bad_files_are_refused_with_a_reason(counter, t
         Counter.load(tmp_path / "bad.npz")
     knocked = np.roll(SCENE, 30, axis=0)  # the stand knocked: the counter's edge went up the frame
     assert not counter.moved(relit(SCENE, 10, gain=0.7)) and counter.moved(relit(knocked, 11))
+
+COLOURS8 = [(40, 60, 200), (200, 50, 40), (40, 170, 60), (220, 190, 30), (130, 60, 160), (30, 30, 30), (240, 240, 235), (200, 120, 40)]
+
+
+def test_a_counter_half_covered_with_items_is_not_a_moved_camera(counter):
+    """The light is fitted to the counter that is still bare, however much of it the shopping covers."""
+    scene, truth = SCENE, np.zeros(SCENE.shape[:2], bool)
+    for k, colour in enumerate(COLOURS8):
+        x, y = 16 + 76 * (k % 4), 20 + 95 * (k // 4)
+        scene = place(scene, packet(20 + k, 75, 58, colour), x, y)
+        truth[y:y + 75, x:x + 58] = True
+    frame = relit(scene, 9, gain=0.8, balance=(0.95, 1.0, 1.08), ramp=0.2)
+    mask = counter.foreground(frame)
+    assert truth.mean() > 0.4 and not counter.moved(frame)
+    assert abs(mask.mean() - truth.mean()) < 0.05
+    assert len([r for r in counter.regions(frame) if not r.at_edge]) == 8
