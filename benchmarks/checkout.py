@@ -1,10 +1,11 @@
 """The checkout counter on scenes built from real grocery photos: are the items found, named, flagged, counted?
 
-    python benchmarks/checkout.py [--scenes 60] [--run RUN_DIR] [--no-split | --finder PATH] [--json out.json]
+    python benchmarks/checkout.py [--scenes 60] [--run RUN_DIR] [--no-split | --finder PATH] [--scale 2] [--json out.json]
 
 Each scene: a rendered counter surface (benchmarks/counter_scenes.py) learnt from 12 frames of it; then 1-8 items
 put down, each a real grocery val photo's middle (70%) as a cut-out, scaled to 90-150 px on a 640x480 frame,
-rotated, with a soft shadow; the frame relit (exposure, white balance, gamma, gradient, shadow, noise).
+rotated, with a soft shadow; the frame relit (exposure, white balance, gamma, gradient, shadow, noise). ``--scale 2``:
+1280x960 frames with 180-300 px items (a sharper camera on the same stand; the catalogue's crops as well).
 "separated": items at least 12 px apart; "touching": each item put against one already there, overlapping it by up
 to a tenth of its width; "one-by-one": the touching scenes as a live stream sees them, the items put down one at a
 time (ItemLayers). A quarter of the items are products of draw 0 of benchmarks/open_set.py, which the
@@ -34,7 +35,13 @@ from ntsnet.checkout import iou  # noqa: E402
 from open_set import FIRST_DRAW  # noqa: E402
 from training.composites import compose, cut_out, positions  # noqa: E402
 
-H, W = 480, 640
+H, W, SIDE = 480, 640, (90, 150)   # frame size; an item's long side in pixels
+
+
+def set_scale(scale: float):
+    """Frames ``scale`` times 640x480 with the items as large a share of them: a sharper camera, same stand."""
+    global H, W, SIDE
+    H, W, SIDE = int(480 * scale), int(640 * scale), (90 * scale, 150 * scale)
 
 
 def lists():
@@ -42,8 +49,8 @@ def lists():
 
 
 def cutout(path: str, rng) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB, mask) of an item seen from above: the photo's middle, 90-150 px, rotated."""
-    return cut_out(np.asarray(Image.open(path).convert("RGB")), rng)
+    """(RGB, mask) of an item seen from above: the photo's middle, 90-150 px (at scale 1), rotated."""
+    return cut_out(np.asarray(Image.open(path).convert("RGB")), rng, SIDE)
 
 
 def counter_crop(path: str, rng, surfaces) -> np.ndarray:
@@ -227,12 +234,14 @@ def main():
     ap.add_argument("--no-split", action="store_true", help="connected components only (the baseline)")
     ap.add_argument("--finder", default=None, metavar="PATH",
                     help="split touching items with the item finder at PATH (trained there first if missing)")
-    ap.add_argument("--layouts", default="separated,touching,one-by-one")
+    ap.add_argument("--layouts", default="separated,touching,one-by-one", help="or none: the speed only")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", type=float, default=1.0, help="frames this many times 640x480, items as large a share")
     ap.add_argument("--json", default=None)
     ap.add_argument("--make-catalogue", default=None, metavar="DIR",
                     help="write the grocery photos as counter crops into a catalogue at DIR/catalogue and stop")
     args = ap.parse_args()
+    set_scale(args.scale)
     import torch
 
     torch.set_num_threads(2)
@@ -242,7 +251,7 @@ def main():
     recognisers = {}
     if args.make_catalogue:
         return make_catalogue(Path(args.make_catalogue), args.seed)
-    cache = Path(f"/tmp/checkout-bench-bank-{args.seed}.npz")
+    cache = Path(f"/tmp/checkout-bench-bank-{args.seed}{'' if args.scale == 1 else f'-x{args.scale:g}'}.npz")
     bank_items = [(p, n) for p, n in train if n not in unknown_names]
     instant = InstantItems(np.zeros((0, 1280), np.float32), [])
     if cache.exists():
@@ -260,7 +269,7 @@ def main():
     finder = item_finder(Path(args.finder), [t for t in train if t[1] not in unknown_names], args.seed) if args.finder else None
     results = {}
     for name, rec in recognisers.items():
-        for layout in args.layouts.split(","):
+        for layout in [name for name in args.layouts.split(",") if name not in ("", "none")]:
             r = run_layout(rec, val, unknown_names, layout != "separated", args.scenes, args.seed, split=not args.no_split,
                            sequential=layout == "one-by-one", finder=finder)
             results[f"{name}/{layout}"] = r

@@ -685,7 +685,7 @@ def test_stage_2_mixes_the_share_of_batches_it_is_asked_to_and_stage_3_none(tmp_
 
     stage, mixes = [None], []
     cat = small_catalogue(tmp_path / "cat", n_per_class=8)
-    cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.4,
+    cfg = ProgressiveConfig(db=str(cat.root), out=str(tmp_path / "run"), backbone="tiny", pretrained=False, max_minutes=0.2,
                             stages="finetune,ntsnet", input_size=64, batch_size=4, workers=0, precision="fp32", lr=0.05,
                             activate=False, refit="off", cutmix=share)
     run = ProgressiveRun(cfg, log=lambda *a: None)
