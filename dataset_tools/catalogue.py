@@ -490,7 +490,7 @@ class Catalogue:
         report["temp_files"], report["trash_files"] = len(tmp_files), len(trash_files)
         hashes = {h for (h,) in self.db.execute("SELECT hash FROM images")}
         hashes |= {Path(t).stem.split("-", 1)[-1] for t in keep}  # an undone delete brings its mask back
-        masks = [p for p in (self.root / "masks").rglob("*.png") if p.stem not in hashes] if (self.root / "masks").exists() else []
+        masks = [p for p in (self.root / "masks").rglob("*.png") if p.stem not in hashes]  # none: no folder yet
         report["orphan_masks"] = len(masks)
         if repair:
             if report["missing_files"]:
@@ -512,6 +512,6 @@ class Catalogue:
             report["recovered_image_ids"] = recovered
             for p in tmp_files + trash_files + masks:
                 p.unlink(missing_ok=True)
-        report["ok"] = not (report["orphan_masks"] or report["missing_files"] or report["orphan_files"] or report["temp_files"] or report["trash_files"])
+        report["ok"] = not any(report[k] for k in ("missing_files", "orphan_files", "temp_files", "trash_files", "orphan_masks"))
         report["repaired"] = repair
         return report
