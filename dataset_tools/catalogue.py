@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import io
 import json
 import os
 import re
@@ -65,8 +66,6 @@ class AddResult:
 
 def _mask_png(mask, prepared) -> bytes:
     """The mask as a PNG of the stored photo's size; a mask of another shape than the photo is refused."""
-    import io
-
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.shape != prepared.pixels.shape[:2]:
         raise CatalogueError(f"the item mask is {mask.shape}, the photo {prepared.pixels.shape[:2]}: they must match")

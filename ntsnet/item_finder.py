@@ -94,6 +94,7 @@ class ItemFinder(nn.Module):
                     raise _Stop
             return hook
 
+        images, masks = images.to(self.mean.device), masks.to(self.mean.device)  # the finder's device, wherever it is
         handles = [self._taps[0].register_forward_hook(keep(8)), self._taps[1].register_forward_hook(keep(16, stop=True))]
         try:
             self.backbone((images / 255.0 - self.mean) / self.std)
